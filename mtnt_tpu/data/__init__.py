@@ -1,0 +1,1 @@
+"""Data: text -> ArrayRecord (prepare) and ArrayRecord -> global batches (pipeline)."""
