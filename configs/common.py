@@ -1,0 +1,63 @@
+"""Shared defaults for every experiment; an experiment file changes only what differs."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.variant = 'gemma_2b'  # mtnt_tpu.model.VARIANTS
+  # Kaggle Flax checkpoint dir (the orbax tree holding {'transformer': ...}),
+  # e.g. .../gemma/flax/2b/2/2b. Empty: random init (tiny variants only).
+  c.model.checkpoint = ''
+  c.model.param_dtype = 'float32'  # master weights and optimizer state
+  c.model.compute_dtype = 'float32'  # 'bfloat16' casts params for the forward pass
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.path = ''  # SentencePiece model, e.g. .../gemma/flax/2b/2/tokenizer.model
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dir = ''  # holds {train,valid}.array_record (python -m mtnt_tpu.prepare)
+  c.data.train_split = 'train'
+  c.data.eval_split = 'valid'
+  c.data.src_lang = 'English'
+  c.data.dst_lang = 'French'
+  c.data.max_len = 128  # tokens per row
+  c.data.packing = True  # several examples per row; False pads one example per row
+  c.data.overlong = 'truncate'  # or 'drop': examples longer than max_len
+  c.data.shuffle_seed = 0
+  c.data.num_workers = 0  # Grain worker processes for tokenization (0: in-process)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 32  # global rows per step (all hosts together)
+  c.train.num_steps = 1000
+  c.train.seed = 0
+  c.train.log_every = 10
+  c.train.eval_every = 200  # and always at the last step
+  c.train.eval_at_start = True  # the baseline every later eval is read against
+  c.train.checkpoint_every = 200  # and always at the last step
+  c.train.keep_checkpoints = 3
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = 'adamw'  # or 'sgd'
+  c.optim.learning_rate = 1e-5
+  c.optim.warmup_steps = 100
+  c.optim.end_learning_rate_ratio = 0.1  # cosine decays to lr * this at num_steps
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.weight_decay = 0.0
+  c.optim.momentum = 0.9  # sgd only
+  c.optim.clip_norm = 1.0  # global-norm clipping; 0 disables
+  c.optim.grad_accum_steps = 1  # micro-batches per step; batch_size must divide
+
+  c.runtime = ml_collections.ConfigDict()
+  # > 0: run on the CPU with this many faked devices (development and tests).
+  c.runtime.cpu_devices = 0
+
+  c.mesh = ml_collections.ConfigDict()
+  # Axis sizes multiply to the device count; -1 takes the rest. Batches are
+  # sharded over both axes, parameters and optimizer state over fsdp.
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  return c

@@ -1,0 +1,47 @@
+"""python -m mtnt_tpu.main --config configs/v4_8.py --workdir DIR [--config.train.num_steps=N]"""
+
+import logging as logging_std
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from mtnt_tpu import train
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs go here.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+class _QuietLibraries(logging_std.Filter):
+  """Keeps orbax's and Grain's per-save INFO chatter out of the training log."""
+
+  def filter(self, record):
+    return record.levelno >= logging_std.WARNING or not any(
+        f'{os.sep}{lib}{os.sep}' in record.pathname for lib in ('orbax', 'grain'))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
+  config = _CONFIG.value
+  if config.runtime.cpu_devices:
+    # Must precede the first backend use: a CPU run with N faked devices.
+    jax.config.update('jax_platforms', 'cpu')
+    jax.config.update('jax_num_cpu_devices', config.runtime.cpu_devices)
+  logging.info('JAX %s, process %d of %d, %d local / %d global devices (%s)',
+               jax.__version__, jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
+  try:
+    train.train_and_evaluate(config, _WORKDIR.value)
+  except train.ConfigError as e:
+    raise SystemExit(f'error: {e}') from None
+
+
+if __name__ == '__main__':
+  app.run(main)

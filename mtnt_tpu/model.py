@@ -1,0 +1,176 @@
+"""Gemma variants by name, the forward pass on packed rows, and Kaggle weights.
+
+The network is the classic `gemma.transformer.Transformer`; this module adds
+what a trainer needs around it: variants chosen by config (never guessed from
+layer counts: Gemma 3 270M and Gemma 2B both have 18 layers), a
+segment-aware causal mask so packed examples never attend to each other, and
+loading the Kaggle Flax checkpoint straight into target shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax
+from flax import linen as nn
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from gemma import modules as gemma_modules
+from gemma import params as gemma_params
+from gemma import transformer as gemma_transformer
+
+Params = Any  # nested dict: {'embedder': ..., 'layer_0': ..., 'final_norm': ...}
+TransformerConfig = gemma_transformer.TransformerConfig
+_GLOBAL = gemma_modules.AttentionType.GLOBAL
+_LOCAL = gemma_modules.AttentionType.LOCAL_SLIDING
+
+
+def _gemma3(num_layers: int, embed_dim: int, hidden_dim: int, num_heads: int,
+            num_embed: int | None = 262_144, window: int = 512) -> TransformerConfig:
+  # Gemma 3: five sliding-window layers to one global, qk-norm instead of
+  # soft-capping, and a longer RoPE base for the global layers.
+  pattern = ((_LOCAL,) * 5 + (_GLOBAL,)) * (num_layers // 6 + 1)
+  return TransformerConfig(
+      num_layers=num_layers, num_embed=num_embed, embed_dim=embed_dim,
+      hidden_dim=hidden_dim, num_heads=num_heads, head_dim=256, num_kv_heads=1,
+      final_logit_softcap=None, use_post_attn_norm=True, use_post_ffw_norm=True,
+      attention_types=pattern[:num_layers], max_cache_length=None,
+      sliding_window_size=window, transpose_gating_einsum=True, use_qk_norm=True,
+      local_base_frequency=10_000, global_base_frequency=1_000_000)
+
+
+def _tiny(num_layers: int, embed_dim: int, *, gemma3: bool = False) -> TransformerConfig:
+  # num_embed None: the tokenizer's vocabulary size decides (see build_config).
+  if gemma3:
+    cfg = _gemma3(num_layers, embed_dim, 4 * embed_dim, num_heads=4, num_embed=None)
+    return dataclasses.replace(cfg, head_dim=embed_dim // 4, sliding_window_size=64)
+  return TransformerConfig(
+      num_layers=num_layers, num_embed=None, embed_dim=embed_dim,
+      hidden_dim=4 * embed_dim, num_heads=4, head_dim=embed_dim // 4,
+      num_kv_heads=1, final_logit_softcap=None, use_post_attn_norm=False,
+      use_post_ffw_norm=False, attention_types=(_GLOBAL,) * num_layers,
+      max_cache_length=None)
+
+
+VARIANTS: dict[str, Callable[[], TransformerConfig]] = {
+    'gemma_2b': lambda: TransformerConfig.gemma_2b(None),
+    'gemma_7b': lambda: TransformerConfig.gemma_7b(None),
+    'gemma2_2b': lambda: TransformerConfig.gemma2_2b(None),
+    'gemma2_9b': lambda: TransformerConfig.gemma2_9b(None),
+    'gemma3_270m': lambda: _gemma3(18, 640, 2048, num_heads=4),
+    'gemma3_1b': lambda: _gemma3(26, 1152, 6912, num_heads=4),
+    'tiny': lambda: _tiny(2, 128),
+    'tiny_4l': lambda: _tiny(4, 256),
+    'tiny_gemma3': lambda: _tiny(4, 128, gemma3=True),
+}
+
+
+def build_config(variant: str, vocab_size: int) -> TransformerConfig:
+  """The variant's TransformerConfig; tiny variants take the tokenizer's vocab."""
+  if variant not in VARIANTS:
+    raise ValueError(
+        f'config.model.variant={variant!r} is not a known variant; '
+        f'use one of {", ".join(sorted(VARIANTS))}')
+  cfg = VARIANTS[variant]()
+  if cfg.num_embed is None:
+    return dataclasses.replace(cfg, num_embed=vocab_size)
+  if vocab_size > cfg.num_embed:
+    raise ValueError(
+        f'the tokenizer has {vocab_size} pieces but {variant} embeds only '
+        f'{cfg.num_embed}; set config.tokenizer.path to the Gemma tokenizer')
+  return cfg
+
+
+def attention_mask(segment_ids_BL: jax.Array) -> jax.Array:
+  """[B, L, L] causal mask confined to each packed example; 0 marks padding."""
+  L = segment_ids_BL.shape[-1]
+  causal_LL = jnp.tril(jnp.ones((L, L), dtype=jnp.bool_))
+  same_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+  real_B1L = (segment_ids_BL != 0)[:, None, :]
+  return causal_LL[None] & same_BLL & real_B1L
+
+
+def make_model(cfg: TransformerConfig) -> nn.Module:
+  return gemma_transformer.Transformer(cfg)
+
+
+def forward(model: nn.Module, params: Params, inputs_BL: jax.Array,
+            positions_BL: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
+  """Logits [B, L, V] for packed rows (segment ids 1.., 0 = padding)."""
+  logits_BLV, _ = model.apply(
+      {'params': params}, inputs_BL, positions_BL, None,
+      attention_mask(segment_ids_BL))
+  return logits_BLV
+
+
+def init_params(model: nn.Module, rng: jax.Array, param_dtype: str = 'float32') -> Params:
+  x_BL = jnp.zeros((1, 4), jnp.int32)
+  params = model.init(rng, x_BL, x_BL, None, jnp.ones((1, 4, 4), jnp.bool_))['params']
+  return jax.tree.map(lambda p: p.astype(param_dtype), params)
+
+
+def abstract_params(model: nn.Module, param_dtype: str = 'float32') -> Params:
+  return jax.eval_shape(
+      functools.partial(init_params, model, param_dtype=param_dtype),
+      jax.random.key(0))
+
+
+# --- Kaggle Flax checkpoints -------------------------------------------------
+# On disk (what `gemma.params.load_params` reads): a semi-flat orbax tree such
+# as {'transformer/layer_0/attn/q_einsum': {'w': ...},
+#     'transformer/layer_0/mlp/linear': {'w': ...}, ...}.
+# In memory: nested {'layer_0': {'attn': {'q_einsum': {'w': ...}},
+#                                'mlp': {'linear': ...}}}.
+
+
+def to_kaggle_layout(params: Params) -> dict:
+  """The on-disk tree for `params` (arrays or ShapeDtypeStructs)."""
+  return gemma_params.flatten_and_remap_params({'transformer': params})
+
+
+def from_kaggle_layout(tree: dict) -> Params:
+  return gemma_params.nest_params(gemma_params.param_remapper(tree))['transformer']
+
+
+def load_kaggle_params(path: str, target: Params) -> Params:
+  """Restores a Kaggle Flax checkpoint into `target`'s shapes, dtypes and shardings.
+
+  Each device reads only its own shard; nothing is materialised whole on a
+  host. A checkpoint of another variant stops with both shapes named.
+  """
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    on_disk = checkpointer.metadata(path)
+  except (FileNotFoundError, ValueError) as e:
+    raise FileNotFoundError(
+        f'config.model.checkpoint={path!r} is not an orbax checkpoint '
+        f'(the Kaggle Flax dir holding _METADATA/checkpoint): {e}') from e
+  on_disk = getattr(on_disk, 'item_metadata', on_disk)
+  on_disk = getattr(on_disk, 'tree', on_disk)
+  want = to_kaggle_layout(target)
+  _check_same_tree(path, on_disk, want)
+  restore_args = ocp.checkpoint_utils.construct_restore_args(want)
+  tree = checkpointer.restore(
+      path, args=ocp.args.PyTreeRestore(item=want, restore_args=restore_args))
+  return from_kaggle_layout(tree)
+
+
+def _check_same_tree(path: str, on_disk: Any, want: dict) -> None:
+  disk = flax.traverse_util.flatten_dict(dict(on_disk), sep='|')
+  need = flax.traverse_util.flatten_dict(want, sep='|')
+  missing = sorted(set(need) - set(disk))
+  if missing:
+    raise ValueError(
+        f'checkpoint {path} lacks {len(missing)} parameters the variant needs '
+        f'(first: {missing[0].replace("|", "/")}); is config.model.variant the '
+        'checkpoint\'s variant?')
+  for key, leaf in need.items():
+    shape = tuple(getattr(disk[key], 'shape', ()))
+    if shape != tuple(leaf.shape):
+      raise ValueError(
+          f'checkpoint {path} has {key.replace("|", "/")} of shape {shape}, '
+          f'the configured variant expects {tuple(leaf.shape)}; set '
+          'config.model.variant to the checkpoint\'s variant')

@@ -1,0 +1,48 @@
+"""Shared builders for tests: the tiny config, its run, and real batches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from configs import tiny_cpu
+from mtnt_tpu.data import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  """configs/tiny_cpu.py with dotted-key overrides, e.g. {'train.batch_size': 8}."""
+  c = tiny_cpu.get_config()
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def train_batches(config, n: int, local_batch: int | None = None) -> list[dict]:
+  it = iter(pipeline.train_dataset(config.data, config.tokenizer.path,
+                                   local_batch or config.train.batch_size,
+                                   pipeline.HostShard(0, 1)))
+  return [next(it) for _ in range(n)]
+
+
+def run_main(workdir, *flags, timeout=600, env=None) -> subprocess.CompletedProcess:
+  """`python -m mtnt_tpu.main --config configs/tiny_cpu.py` as a user runs it."""
+  cmd = [sys.executable, '-m', 'mtnt_tpu.main', '--config', 'configs/tiny_cpu.py',
+         '--workdir', str(workdir), *flags]
+  full_env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  full_env.update(env or {})
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                        env=full_env)
+
+
+def host(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))

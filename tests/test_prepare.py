@@ -1,0 +1,333 @@
+"""prepare: every bad line kind skipped and counted exactly, every good one kept in order."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from mtnt_tpu.data import prepare as prep
+from mtnt_tpu.data import records
+from mtnt_tpu.data.records import Pair
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+LONG = 'x' * 100_000
+
+# (raw line bytes, the pair it must become or None when skipped). Line numbers
+# are positions in these lists, 1-based.
+TRAIN_LINES: list[tuple[bytes, Pair | None]] = [
+    (b'\xef\xbb\xbfid1\tHello world\tBonjour le monde\r\n',
+     Pair('id1', 'Hello world', 'Bonjour le monde')),  # BOM + CRLF
+    (b'id2\tmissing tab here\n', None),  # wrong_column_count
+    (b'id3\tHe said "hi"\tIl a dit "salut"\n', Pair('id3', 'He said "hi"', 'Il a dit "salut"')),
+    (b'id4\ta\tb\tc\n', None),  # wrong_column_count (extra tab)
+    (b'id5\t \tVide\n', None),  # empty_source
+    (b'id6\tEmpty target\t   \n', None),  # empty_target
+    (b'id7\tbad \xff\xfe bytes\tmauvais\n', None),  # invalid_utf8
+    # An unbalanced leading quote: a CSV reader would swallow the next lines.
+    (b'id8\t"quoted start\tdebut "cite\r\n', Pair('id8', '"quoted start', 'debut "cite')),
+    (b'id9\t' + LONG.encode() + b'\tlong\n', None),  # field_too_long
+    (b'  id10 \t  padded source \t padded target  \n',
+     Pair('id10', 'padded source', 'padded target')),
+    (b'\n', None),  # empty_source (blank line)
+    ('id12\tcafé — ok\tcafé\n'.encode(), Pair('id12', 'café — ok', 'café')),
+    ('id13\tlast line\tdernière ligne'.encode(), Pair('id13', 'last line', 'dernière ligne')),
+]
+TRAIN_SKIPPED = {
+    'empty_source': (2, [5, 11]),
+    'empty_target': (1, [6]),
+    'field_too_long': (1, [9]),
+    'invalid_utf8': (1, [7]),
+    'wrong_column_count': (2, [2, 4]),
+}
+
+# More than SAMPLE_SIZE lines of one reason: the sample keeps the first five.
+VALID_LINES: list[tuple[bytes, Pair | None]] = [
+    (b'v1\tone\tun\n', Pair('v1', 'one', 'un')),
+    *[(b'bad line %d\n' % i, None) for i in range(7)],  # lines 2..8: wrong_column_count
+    (b'v9\tnine\tneuf\n', Pair('v9', 'nine', 'neuf')),
+]
+
+TEST_LINES: list[tuple[bytes, Pair | None]] = [
+    (b't1\t\x80\tx\r\n', None),  # invalid_utf8 on a CRLF line: still a CRLF line
+    (b't2\tgood\tbon\n', Pair('t2', 'good', 'bon')),
+]
+
+
+def _write(path: pathlib.Path, lines: list[tuple[bytes, Pair | None]]) -> pathlib.Path:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(b''.join(raw for raw, _ in lines))
+  return path
+
+
+def _good(lines: list[tuple[bytes, Pair | None]]) -> list[Pair]:
+  return [pair for _, pair in lines if pair is not None]
+
+
+def _fake_mtnt(root: pathlib.Path) -> pathlib.Path:
+  for split, lines in (('train', TRAIN_LINES), ('valid', VALID_LINES), ('test', TEST_LINES)):
+    _write(root / split / f'{split}.en-fr.tsv', lines)
+  return root
+
+
+def _tsv(path: pathlib.Path, rows: list[str]) -> pathlib.Path:
+  path.write_text(''.join(r + '\n' for r in rows), encoding='utf-8')
+  return path
+
+
+def _leftovers(parent: pathlib.Path) -> list[str]:
+  return [p.name for p in parent.iterdir() if p.name.startswith('.')]
+
+
+def test_mtnt_bad_lines_skipped_and_counted_exactly(tmp_path):
+  mtnt = _fake_mtnt(tmp_path / 'MTNT')
+  out = tmp_path / 'out'
+  stats = prep.prepare(prep.mtnt_sources(str(mtnt), 'en-fr'), out)
+
+  assert sorted(os.listdir(out)) == [
+      'stats.json', 'test.array_record', 'train.array_record', 'valid.array_record']
+  for split, lines in (('train', TRAIN_LINES), ('valid', VALID_LINES), ('test', TEST_LINES)):
+    assert records.read_all(out / f'{split}.array_record') == _good(lines), split
+
+  on_disk = json.loads((out / 'stats.json').read_text())
+  assert on_disk == stats.to_json()
+  train_file = str(mtnt / 'train' / 'train.en-fr.tsv')
+  train = on_disk['splits']['train']
+  assert train['inputs'] == [train_file]
+  assert train['outputs'] == ['train.array_record']
+  assert (train['lines_read'], train['records'], train['lines_skipped']) == (13, 6, 7)
+  assert train['skipped'] == {
+      reason: {'count': count, 'lines': lines, 'files': [train_file]}
+      for reason, (count, lines) in TRAIN_SKIPPED.items()
+  }
+  assert train['notes'] == {'crlf_lines': 2}
+
+  valid = on_disk['splits']['valid']
+  assert (valid['lines_read'], valid['records']) == (9, 2)
+  assert valid['skipped'] == {'wrong_column_count': {
+      'count': 7, 'lines': [2, 3, 4, 5, 6], 'files': [str(mtnt / 'valid' / 'valid.en-fr.tsv')]}}
+  assert valid['notes'] == {}
+
+  test = on_disk['splits']['test']
+  assert (test['lines_read'], test['records']) == (2, 1)
+  assert test['skipped']['invalid_utf8']['lines'] == [1]
+  assert test['notes'] == {'crlf_lines': 1}
+
+  assert on_disk['input'].startswith(f'train: TSV {train_file}; valid: TSV ')
+  assert on_disk['flags']['max_chars'] == prep.DEFAULT_MAX_CHARS
+  assert on_disk['flags']['train_shards'] == 1
+  assert _leftovers(tmp_path) == []
+
+
+def test_reader_yields_every_line_in_order(tmp_path):
+  path = _write(tmp_path / 'train.tsv', TRAIN_LINES)
+  parsed = list(prep.TsvSource(str(path), columns=3).read('train'))
+  assert [p.line_no for p in parsed] == list(range(1, len(TRAIN_LINES) + 1))
+  assert [p.result if isinstance(p.result, Pair) else None for p in parsed] == [
+      pair for _, pair in TRAIN_LINES]
+  assert parsed[1].result == prep.Skip(prep.SkipReason.WRONG_COLUMN_COUNT, str(path))
+
+
+def test_max_chars_is_inclusive(tmp_path):
+  path = _tsv(tmp_path / 'a.tsv', ['a' * 10 + '\tok', 'b' * 11 + '\tok', 'ok\t' + 'c' * 11])
+  results = [p.result for p in prep.TsvSource(str(path)).read('train', max_chars=10)]
+  assert results[0] == Pair('train-1', 'a' * 10, 'ok')
+  assert [r.reason for r in results[1:]] == [prep.SkipReason.FIELD_TOO_LONG] * 2
+
+
+def test_tsv_mode_two_and_three_columns(tmp_path):
+  # The first line has 4 columns: the format comes from the first *good* line.
+  two = _tsv(tmp_path / 'two.tsv', ['a\tb\tc\td', 'Hello\tBonjour', 'x\ty\tz', 'Yes\tOui'])
+  three = _tsv(tmp_path / 'three.tsv', ['\tno id\tpas d\'id', 'k2\tTwo\tDeux', 'only\ttwo'])
+  out = tmp_path / 'out'
+  stats = prep.prepare({'train': prep.TsvSource(str(two)), 'valid': prep.TsvSource(str(three))},
+                       out)
+  assert records.read_all(out / 'train.array_record') == [
+      Pair('train-2', 'Hello', 'Bonjour'), Pair('train-4', 'Yes', 'Oui')]
+  assert records.read_all(out / 'valid.array_record') == [
+      Pair('valid-1', 'no id', "pas d'id"), Pair('k2', 'Two', 'Deux')]
+  assert stats.splits['train'].skipped['wrong_column_count'].lines == (1, 3)
+  assert stats.splits['valid'].skipped['wrong_column_count'].lines == (3,)
+  assert stats.splits['valid'].notes == {'empty_id': 1}
+
+
+def test_aligned_text_mode(tmp_path):
+  src = tmp_path / 'train.en'
+  dst = tmp_path / 'train.fr'
+  src.write_bytes(b'\xef\xbb\xbfOne\r\nTwo\n\xc3(\nFour\nFive\twith tab')
+  dst.write_bytes(b'Un\nDeux\nTrois\n  \nCinq\tavec tab')
+  vsrc = _tsv(tmp_path / 'val.en', ['Hi'])
+  vdst = _tsv(tmp_path / 'val.fr', ['Salut'])
+  out = tmp_path / 'out'
+  stats = prep.prepare({'train': prep.AlignedSource(str(src), str(dst)),
+                        'valid': prep.AlignedSource(str(vsrc), str(vdst))}, out)
+  assert records.read_all(out / 'train.array_record') == [
+      Pair('train-1', 'One', 'Un'), Pair('train-2', 'Two', 'Deux'),
+      Pair('train-5', 'Five\twith tab', 'Cinq\tavec tab')]
+  assert records.read_all(out / 'valid.array_record') == [Pair('valid-1', 'Hi', 'Salut')]
+  train = stats.splits['train']
+  assert train.lines_read == 5
+  assert train.skipped == {
+      'empty_target': prep.ReasonStats(1, (4,), (str(dst),)),
+      'invalid_utf8': prep.ReasonStats(1, (3,), (str(src),)),
+  }
+  assert train.notes == {'crlf_lines': 1}
+
+
+def test_aligned_mismatched_line_counts_is_an_error(tmp_path):
+  src = _tsv(tmp_path / 'train.en', ['a', 'b', 'c'])
+  dst = _tsv(tmp_path / 'train.fr', ['x', 'y'])
+  out = tmp_path / 'out'
+  with pytest.raises(prep.PrepareError) as e:
+    prep.prepare({'train': prep.AlignedSource(str(src), str(dst))}, out)
+  assert f'{src} has 3 lines' in str(e.value) and f'{dst} has 2' in str(e.value)
+  assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_jsonl_mode(tmp_path):
+  lines = [
+      '{"id": "j1", "en": " Hello ", "fr": "Bonjour"}',
+      '{"en": "no id", "fr": "sans id"}',
+      '{"id": 7, "en": "int id", "fr": "id entier"}',
+      'not json',
+      '["a", "list"]',
+      '{"id": "j6", "en": "no target"}',
+      '{"id": "j7", "en": "null target", "fr": null}',
+      '{"id": "j8", "en": 3, "fr": "trois"}',
+      '{"id": "j9", "en": "lone \\ud800 surrogate", "fr": "x"}',
+      '{"id": "j10", "en": "He said \\"hi\\"", "fr": "Il a dit \\"salut\\""}',
+      '',
+  ]
+  train = _tsv(tmp_path / 'train.jsonl', lines)
+  valid = _tsv(tmp_path / 'valid.jsonl', ['{"en": "a", "fr": "b"}'])
+  out = tmp_path / 'out'
+  source = lambda p: prep.JsonlSource(str(p), src_field='en', dst_field='fr')
+  stats = prep.prepare({'train': source(train), 'valid': source(valid)}, out)
+  assert records.read_all(out / 'train.array_record') == [
+      Pair('j1', 'Hello', 'Bonjour'), Pair('train-2', 'no id', 'sans id'),
+      Pair('7', 'int id', 'id entier'), Pair('j10', 'He said "hi"', 'Il a dit "salut"')]
+  skipped = {k: v.lines for k, v in stats.splits['train'].skipped.items()}
+  assert skipped == {'invalid_json': (4, 5), 'missing_field': (6, 7), 'wrong_field_type': (8,),
+                     'invalid_unicode': (9,), 'empty_source': (11,)}
+
+
+def test_sharding_preserves_order(tmp_path):
+  rows = [f'id{i}\tsource {i}\ttarget {i}' for i in range(10)]
+  train = _tsv(tmp_path / 'train.tsv', rows)
+  valid = _tsv(tmp_path / 'valid.tsv', rows[:2])
+  inputs = {'train': prep.TsvSource(str(train)), 'valid': prep.TsvSource(str(valid))}
+  prep.prepare(inputs, tmp_path / 'one')
+  stats = prep.prepare(inputs, tmp_path / 'four', train_shards=4)
+  names = [f'train.array_record-{k:05d}-of-00004' for k in range(4)]
+  assert list(stats.splits['train'].outputs) == names
+  assert sorted(os.listdir(tmp_path / 'four')) == sorted(
+      names + ['stats.json', 'valid.array_record'])
+  shards = [records.read_all(tmp_path / 'four' / n) for n in names]
+  assert [len(s) for s in shards] == [2, 3, 2, 3]
+  assert sum(shards, []) == records.read_all(tmp_path / 'one' / 'train.array_record')
+  with pytest.raises(prep.PrepareError, match='fewer than --train_shards'):
+    prep.prepare(inputs, tmp_path / 'many', train_shards=11)
+  assert not (tmp_path / 'many').exists()
+
+
+def _small_inputs(tmp_path: pathlib.Path, text: str = 'x') -> dict[str, prep.Source]:
+  train = _tsv(tmp_path / 'train.tsv', [f'{text}\ty'])
+  valid = _tsv(tmp_path / 'valid.tsv', ['a\tb'])
+  return {'train': prep.TsvSource(str(train)), 'valid': prep.TsvSource(str(valid))}
+
+
+def test_existing_output_refused_without_overwrite(tmp_path):
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'keep.txt').write_text('precious')
+  with pytest.raises(prep.PrepareError, match='--overwrite'):
+    prep.prepare(_small_inputs(tmp_path), out)
+  # --overwrite still refuses a dir that prepare didn't write.
+  with pytest.raises(prep.PrepareError, match='no stats.json'):
+    prep.prepare(_small_inputs(tmp_path), out, overwrite=True)
+  assert os.listdir(out) == ['keep.txt'] and (out / 'keep.txt').read_text() == 'precious'
+  assert _leftovers(tmp_path) == []
+
+
+def test_overwrite_replaces_an_earlier_output(tmp_path):
+  out = tmp_path / 'out'
+  prep.prepare(_small_inputs(tmp_path, 'first'), out)
+  with pytest.raises(prep.PrepareError, match='already holds'):
+    prep.prepare(_small_inputs(tmp_path, 'second'), out)
+  prep.prepare(_small_inputs(tmp_path, 'second'), out, overwrite=True)
+  assert records.read_all(out / 'train.array_record') == [Pair('train-1', 'second', 'y')]
+  assert _leftovers(tmp_path) == []
+
+
+def test_failure_leaves_the_old_output_untouched(tmp_path):
+  out = tmp_path / 'out'
+  prep.prepare(_small_inputs(tmp_path, 'first'), out)
+  before = {p.name: p.read_bytes() for p in out.iterdir()}
+  bad = _tsv(tmp_path / 'bad.tsv', ['no tabs at all', '\t\t'])
+  inputs = _small_inputs(tmp_path) | {'valid': prep.TsvSource(str(bad))}
+  with pytest.raises(prep.PrepareError, match='valid has no good records'):
+    prep.prepare(inputs, out, overwrite=True)
+  assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+  assert _leftovers(tmp_path) == []
+
+
+def test_missing_input_names_the_file_and_writes_nothing(tmp_path):
+  inputs = _small_inputs(tmp_path) | {'test': prep.TsvSource(str(tmp_path / 'nope.tsv'))}
+  out = tmp_path / 'out'
+  with pytest.raises(prep.PrepareError, match='nope.tsv'):
+    prep.prepare(inputs, out)
+  assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_flags_to_sources(tmp_path):
+  base = {'out_dir': str(tmp_path / 'out')}
+  sources, _ = prep.sources_from_flags(
+      base | {'train_src': 'a.en', 'train_dst': 'a.fr', 'valid_src': 'b.en',
+              'valid_dst': 'b.fr'})
+  assert sources == {'train': prep.AlignedSource('a.en', 'a.fr'),
+                     'valid': prep.AlignedSource('b.en', 'b.fr')}
+  sources, _ = prep.sources_from_flags(
+      base | {'train_jsonl': 'a', 'valid_jsonl': 'b', 'test_jsonl': 'c', 'src_field': 'en'})
+  assert sources['test'] == prep.JsonlSource('c', src_field='en')
+  for bad in ({}, {'train_tsv': 'a', 'valid_tsv': 'b', 'train_jsonl': 'c'},
+              {'train_tsv': 'a'}, {'train_src': 'a', 'valid_src': 'b', 'valid_dst': 'c'},
+              {'mtnt_dir': str(tmp_path)}, {'train_tsv': 'a', 'valid_tsv': 'b', 'pair': 'en-fr'}):
+    with pytest.raises(prep.app.UsageError):
+      prep.sources_from_flags(base | bad)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, '-m', 'mtnt_tpu.prepare', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=60)
+
+
+def test_cli(tmp_path):
+  mtnt = _fake_mtnt(tmp_path / 'MTNT')
+  out = tmp_path / 'out'
+  ok = _cli(f'--mtnt_dir={mtnt}', '--pair=en-fr', f'--out_dir={out}', '--train_shards=2')
+  assert ok.returncode == 0, ok.stderr
+  assert 'train' in ok.stdout and 'wrong_column_count 2' in ok.stdout
+  assert records.read_all(out / 'train.array_record-00001-of-00002')[-1].id == 'id13'
+  assert json.loads((out / 'stats.json').read_text())['flags']['pair'] == 'en-fr'
+
+  again = _cli(f'--mtnt_dir={mtnt}', '--pair=en-fr', f'--out_dir={out}')
+  assert again.returncode == 1
+  assert again.stderr.count('\n') == 1 and '--overwrite' in again.stderr
+
+  missing = tmp_path / 'missing.tsv'
+  lost = _cli(f'--train_tsv={missing}', f'--valid_tsv={missing}', f'--out_dir={tmp_path / "o"}')
+  assert lost.returncode == 1
+  assert lost.stderr.count('\n') == 1 and str(missing) in lost.stderr
+  assert not (tmp_path / 'o').exists()
+
+  usage = _cli(f'--out_dir={tmp_path / "o"}')
+  assert usage.returncode == 2
+  assert usage.stderr.count('\n') == 1 and 'exactly one input mode' in usage.stderr
+
+  bad_pair = _cli(f'--mtnt_dir={mtnt}', '--pair=en-de', f'--out_dir={tmp_path / "o"}')
+  assert bad_pair.returncode == 2
+  assert bad_pair.stderr.count('\n') == 1 and 'en-fr, fr-en, en-ja, ja-en' in bad_pair.stderr

@@ -1,0 +1,82 @@
+"""The trainer as a user runs it: `python -m mtnt_tpu.main` on the tiny config."""
+
+import json
+import os
+
+import pytest
+
+from mtnt_tpu import train
+from tests import helpers
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('run') / 'wd'
+  r = helpers.run_main(workdir, '--config.train.num_steps=60', '--config.train.eval_every=30',
+                       '--config.train.checkpoint_every=30', '--config.train.log_every=10')
+  assert r.returncode == 0, r.stderr[-3000:]
+  return workdir, r
+
+
+def test_tiny_run_learns_and_checkpoints(trained):
+  workdir, _ = trained
+  rows = _metrics(workdir)
+  evals = [r for r in rows if 'eval_loss' in r]
+  assert [r['step'] for r in evals] == [0, 30, 60]
+  assert evals[-1]['eval_loss'] < 0.75 * evals[0]['eval_loss']
+  logged = [r for r in rows if 'loss' in r]
+  assert logged[-1]['loss'] < logged[0]['loss']
+  for key in ('step', 'loss', 'learning_rate', 'tokens_per_sec', 'accuracy'):
+    assert key in logged[-1]
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['30', '60']
+  assert os.listdir(workdir / 'tensorboard')
+  with open(workdir / 'config.json') as f:
+    assert json.load(f)['model']['variant'] == 'tiny'
+
+
+def test_rerun_resumes_from_latest_step(trained):
+  workdir, _ = trained
+  r = helpers.run_main(workdir, '--config.train.num_steps=80', '--config.train.eval_every=1000',
+                       '--config.train.checkpoint_every=1000', '--config.train.log_every=10')
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'resuming from' in r.stderr and 'step 60' in r.stderr
+  steps = [row['step'] for row in _metrics(workdir) if 'loss' in row]
+  assert steps == [10, 20, 30, 40, 50, 60, 70, 80]
+  assert '80' in os.listdir(workdir / 'checkpoints')
+
+
+@pytest.mark.parametrize('override,message', [
+    ({'model.variant': 'gemma_3b'}, "config.model.variant='gemma_3b' is not a known variant"),
+    ({'train.batch_size': 12}, 'config.train.batch_size=12 must be a multiple of 8'),
+    ({'mesh.data': 3}, 'config.mesh'),
+    ({'tokenizer.path': '/nonexistent/tokenizer.model'}, 'config.tokenizer.path'),
+    ({'model.checkpoint': '/nonexistent/2b'}, 'config.model.checkpoint'),
+    ({'data.dir': '/nonexistent'}, 'no train.array_record in config.data.dir'),
+    ({'model.variant': 'gemma_2b'}, "set it to 'random'"),
+])
+def test_bad_config_is_one_clear_error(override, message):
+  with pytest.raises(train.ConfigError, match=message):
+    train.build(helpers.tiny_config(**override))
+
+
+def test_bad_input_stops_before_touching_the_workdir(tmp_path, trained):
+  workdir, _ = trained
+  before = sorted(os.listdir(workdir / 'checkpoints'))
+  r = helpers.run_main(workdir, '--config.model.variant=gemma_3b')
+  assert r.returncode != 0
+  assert r.stderr.strip().splitlines()[-1].startswith("error: config.model.variant='gemma_3b'")
+  assert sorted(os.listdir(workdir / 'checkpoints')) == before
+  fresh = tmp_path / 'never'
+  r = helpers.run_main(fresh, '--config.train.batch_size=12')
+  assert r.returncode != 0 and not fresh.exists()
+
+
+def test_typo_in_override_is_an_error(tmp_path):
+  r = helpers.run_main(tmp_path / 'wd', '--config.train.num_stepz=3')
+  assert r.returncode != 0 and 'num_stepz' in r.stderr
+  assert not (tmp_path / 'wd').exists()
