@@ -13,6 +13,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.checkpoint = ''
   c.model.param_dtype = 'float32'  # master weights and optimizer state
   c.model.compute_dtype = 'float32'  # 'bfloat16' casts params for the forward pass
+  # Rematerialisation in the backward pass: 'none' keeps every activation,
+  # 'block' recomputes each transformer block, 'matmuls' saves only matmul outputs.
+  c.model.remat = 'none'
+  # Instruction-tuned (-it) checkpoints: wrap each example in Gemma chat turns.
+  c.model.chat_template = False
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ''  # SentencePiece model, e.g. .../gemma/flax/2b/2/tokenizer.model
@@ -39,6 +44,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 200  # and always at the last step
   c.train.keep_checkpoints = 3
 
+  c.eval = ml_collections.ConfigDict()
+  # Translation quality at every eval: greedy-decode the eval split and score
+  # with sacrebleu. 0 turns decoding off; -1 decodes the whole split.
+  c.eval.decode_examples = -1
+  c.eval.max_decode_len = 64  # new tokens per translation
+  c.eval.num_logged_examples = 8  # source/reference/hypothesis triples per eval
+  c.eval.best_metric = 'eval_bleu'  # checkpoints/best keeps the best by this
+  c.eval.best_mode = 'max'
+
+  c.profile = ml_collections.ConfigDict()
+  c.profile.steps = ''  # e.g. '10:13' captures a profile of steps 10, 11, 12
+
   c.optim = ml_collections.ConfigDict()
   c.optim.name = 'adamw'  # or 'sgd'
   c.optim.learning_rate = 1e-5
@@ -54,10 +71,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.runtime = ml_collections.ConfigDict()
   # > 0: run on the CPU with this many faked devices (development and tests).
   c.runtime.cpu_devices = 0
+  # JAX's persistent compilation cache: '' = WORKDIR/jax_cache, 'off' = none.
+  c.runtime.compilation_cache = ''
 
   c.mesh = ml_collections.ConfigDict()
   # Axis sizes multiply to the device count; -1 takes the rest. Batches are
   # sharded over both axes, parameters and optimizer state over fsdp.
+  c.mesh.dcn_data = 1  # slices in a multislice run (data parallel over DCN)
   c.mesh.data = 1
   c.mesh.fsdp = -1
   return c

@@ -68,12 +68,16 @@ VARIANTS: dict[str, Callable[[], TransformerConfig]] = {
 }
 
 
-def build_config(variant: str, vocab_size: int) -> TransformerConfig:
-  """The variant's TransformerConfig; tiny variants take the tokenizer's vocab."""
+def check_variant(variant: str) -> None:
   if variant not in VARIANTS:
     raise ValueError(
         f'config.model.variant={variant!r} is not a known variant; '
         f'use one of {", ".join(sorted(VARIANTS))}')
+
+
+def build_config(variant: str, vocab_size: int) -> TransformerConfig:
+  """The variant's TransformerConfig; tiny variants take the tokenizer's vocab."""
+  check_variant(variant)
   cfg = VARIANTS[variant]()
   if cfg.num_embed is None:
     return dataclasses.replace(cfg, num_embed=vocab_size)

@@ -13,14 +13,15 @@ import re
 from typing import Any, Sequence
 
 import jax
-import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 # Mesh axes, outermost first. Batches are split over all of them; parameters
 # and optimizer state over 'fsdp' only (ZeRO-3 style: gathered per layer in the
-# forward pass, gradients reduce-scattered back).
-AXES = ('data', 'fsdp')
-BATCH_AXES = ('data', 'fsdp')
+# forward pass, gradients reduce-scattered back). 'dcn_data' spans slices of a
+# multislice run, so only gradient all-reduces cross the slow network.
+AXES = ('dcn_data', 'data', 'fsdp')
+BATCH_AXES = ('dcn_data', 'data', 'fsdp')
 
 # (regex over the parameter path, spec per array dimension). Shapes from
 # gemma.modules: D embed, F hidden, N heads, K kv heads, H head dim, V vocab.
@@ -37,11 +38,28 @@ PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 )
 
 
-def make_mesh(data: int, fsdp: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ('data', 'fsdp') mesh over `devices` (default: all); -1 takes the rest."""
+def make_mesh(data: int, fsdp: int, devices: Sequence[jax.Device] | None = None,
+              dcn_data: int = 1) -> Mesh:
+  """A ('dcn_data', 'data', 'fsdp') mesh over `devices` (default: all).
+
+  One of data/fsdp may be -1 (the rest of a slice's devices).
+  """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = resolve_axis_sizes({'data': data, 'fsdp': fsdp}, len(devices))
-  grid = np.asarray(devices).reshape([sizes[a] for a in AXES])
+  if dcn_data < 1 or len(devices) % dcn_data:
+    raise ValueError(f'config.mesh.dcn_data={dcn_data} must divide the {len(devices)} devices')
+  per_slice = len(devices) // dcn_data
+  sizes = resolve_axis_sizes({'data': data, 'fsdp': fsdp}, per_slice)
+  slices = {getattr(d, 'slice_index', 0) for d in devices}
+  if dcn_data > 1 and len(slices) == dcn_data:
+    # Real multislice: keep each slice's devices together on the inner axes.
+    grid = mesh_utils.create_hybrid_device_mesh(
+        (1, sizes['data'], sizes['fsdp']), (dcn_data, 1, 1), devices)
+  elif dcn_data > 1 and len(slices) > 1:
+    raise ValueError(f'config.mesh.dcn_data={dcn_data} but the devices span '
+                     f'{len(slices)} slices; set it to {len(slices)}')
+  else:
+    grid = mesh_utils.create_device_mesh(
+        (dcn_data, sizes['data'], sizes['fsdp']), devices, allow_split_physical_axes=True)
   return Mesh(grid, AXES)
 
 

@@ -43,7 +43,7 @@ class Run:
   mesh: jax.sharding.Mesh
   model_config: model_lib.TransformerConfig
   model: object
-  tokenizer: tokenizer_lib.Tokenizer
+  tokenizer: tokenizer_lib.Tokenizer | None  # None in the fit check
   optimizer: object
   schedule: object
   abstract_state: steps.TrainState  # ShapeDtypeStructs carrying their shardings
@@ -57,46 +57,61 @@ class Run:
     return self.config.model.checkpoint in ('', 'random')
 
 
-def build(config: ml_collections.ConfigDict, devices=None) -> Run:
+def build(config: ml_collections.ConfigDict, devices=None, *,
+          vocab_size: int | None = None) -> Run:
   """Checks every input and builds the run; raises ConfigError with the fix.
 
-  `devices` defaults to every device of every process.
+  `devices` defaults to every device of every process. With `vocab_size` the
+  data, tokenizer and checkpoint files are not needed (the fit check compiles
+  for a TPU it does not have, with files it does not have).
   """
   try:
-    return _build(config, devices)
+    return _build(config, devices, vocab_size)
   except (ValueError, FileNotFoundError) as e:
     raise ConfigError(str(e)) from e
 
 
-def _build(config, devices) -> Run:
-  c = config
-  mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, devices)
+def _check_config(c, mesh) -> None:
+  model_lib.check_variant(c.model.variant)
   divisor = sharding.batch_divisor(mesh) * c.optim.grad_accum_steps
   if c.train.batch_size % divisor:
     raise ValueError(
         f'config.train.batch_size={c.train.batch_size} must be a multiple of '
         f'{divisor} (mesh batch axes {sharding.batch_divisor(mesh)} x '
         f'config.optim.grad_accum_steps={c.optim.grad_accum_steps})')
-  if c.train.batch_size % jax.process_count():
-    raise ValueError(f'config.train.batch_size={c.train.batch_size} must divide over '
-                     f'{jax.process_count()} processes')
   if c.data.overlong not in ('truncate', 'drop'):
     raise ValueError(f"config.data.overlong={c.data.overlong!r}: use 'truncate' or 'drop'")
-  for split in (c.data.train_split, c.data.eval_split):
-    pipeline.split_paths(c.data.dir, split)
-  tok = tokenizer_lib.Tokenizer(c.tokenizer.path)
-  model_cfg = model_lib.build_config(c.model.variant, tok.vocab_size)
-  if c.model.checkpoint in ('', 'random'):
-    if c.model.checkpoint == '' and not c.model.variant.startswith('tiny'):
-      raise ValueError(
-          f'config.model.checkpoint is empty for {c.model.variant}: point it at the '
-          "Kaggle Flax checkpoint dir, or set it to 'random' to train from scratch")
-  elif not os.path.exists(c.model.checkpoint) and '://' not in c.model.checkpoint:
-    raise ValueError(f'config.model.checkpoint={c.model.checkpoint!r} does not exist; '
-                     'download the Kaggle Flax checkpoint and point the field at it')
   for name in ('param_dtype', 'compute_dtype'):
     if getattr(c.model, name) not in ('float32', 'bfloat16'):
       raise ValueError(f"config.model.{name}={getattr(c.model, name)!r}: use 'float32' or 'bfloat16'")
+  if c.model.checkpoint == '' and not c.model.variant.startswith('tiny'):
+    raise ValueError(
+        f'config.model.checkpoint is empty for {c.model.variant}: point it at the '
+        "Kaggle Flax checkpoint dir, or set it to 'random' to train from scratch")
+
+
+def _check_files(c) -> None:
+  if c.train.batch_size % jax.process_count():
+    raise ValueError(f'config.train.batch_size={c.train.batch_size} must divide over '
+                     f'{jax.process_count()} processes')
+  for split in (c.data.train_split, c.data.eval_split):
+    pipeline.split_paths(c.data.dir, split)
+  if (c.model.checkpoint not in ('', 'random') and not os.path.exists(c.model.checkpoint)
+      and '://' not in c.model.checkpoint):
+    raise ValueError(f'config.model.checkpoint={c.model.checkpoint!r} does not exist; '
+                     'download the Kaggle Flax checkpoint and point the field at it')
+
+
+def _build(config, devices, vocab_size) -> Run:
+  c = config
+  mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, devices, dcn_data=c.mesh.dcn_data)
+  _check_config(c, mesh)
+  tok = None
+  if vocab_size is None:
+    _check_files(c)
+    tok = tokenizer_lib.Tokenizer(c.tokenizer.path)
+    vocab_size = tok.vocab_size
+  model_cfg = model_lib.build_config(c.model.variant, vocab_size)
   model = model_lib.make_model(model_cfg)
   optimizer, schedule = optim.make(c.optim, c.train.num_steps)
 

@@ -10,7 +10,7 @@ from mtnt_tpu import sharding
 
 def test_mesh_resolves_minus_one():
   mesh = sharding.make_mesh(2, -1)
-  assert dict(mesh.shape) == {'data': 2, 'fsdp': 4}
+  assert dict(mesh.shape) == {'dcn_data': 1, 'data': 2, 'fsdp': 4}
 
 
 @pytest.mark.parametrize('data,fsdp,msg', [
@@ -22,6 +22,12 @@ def test_mesh_resolves_minus_one():
 def test_bad_mesh_names_the_fix(data, fsdp, msg):
   with pytest.raises(ValueError, match=msg):
     sharding.make_mesh(data, fsdp)
+
+
+def test_dcn_data_axis_is_outermost():
+  mesh = sharding.make_mesh(1, -1, dcn_data=2)
+  assert dict(mesh.shape) == {'dcn_data': 2, 'data': 1, 'fsdp': 4}
+  assert sharding.batch_divisor(mesh) == 8
 
 
 def test_gemma_2b_rules_give_intended_specs():
