@@ -20,15 +20,61 @@ import orbax.checkpoint as ocp
 
 
 class Checkpoints:
-  """Saves and restores {'state': TrainState, 'data': Grain iterator} per step."""
+  """Saves and restores {'state': TrainState, 'data': Grain iterator} per step.
 
-  def __init__(self, workdir: str, keep: int, async_save: bool = True):
+  Beside the last `keep` steps in WORKDIR/checkpoints, WORKDIR/best holds the
+  state of the step with the best `best_metric` so far (written only when it
+  improves), for `translate` and `export`.
+  """
+
+  def __init__(self, workdir: str, keep: int, best_metric: str = 'eval_bleu',
+               best_mode: str = 'max', async_save: bool = True, read_only: bool = False):
+    if best_mode not in ('max', 'min'):
+      raise ValueError(f"config.eval.best_mode={best_mode!r}: use 'max' or 'min'")
     self.directory = os.path.join(workdir, 'checkpoints')
+    self.best_directory = os.path.join(workdir, 'best')
+    self._best_metric, self._best_mode = best_metric, best_mode
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True),
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
+            read_only=read_only),
         item_names=('state', 'data'))
+    self._best = ocp.CheckpointManager(
+        self.best_directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=1, enable_async_checkpointing=async_save, create=not read_only,
+            read_only=read_only, best_fn=lambda m: m[best_metric], best_mode=best_mode,
+            keep_checkpoints_without_metrics=False),
+        item_names=('state',))
+
+  def best_step(self) -> int | None:
+    return self._best.best_step()
+
+  def best_value(self) -> float | None:
+    step = self.best_step()
+    if step is None:
+      return None
+    return (self._best.metrics(step) or {}).get(self._best_metric)
+
+  def save_best(self, step: int, state, scores: dict[str, float]) -> bool:
+    """Saves `state` as the best if `scores` beats the best so far."""
+    value = scores.get(self._best_metric)
+    if value is None:
+      return False
+    old = self.best_value()
+    better = old is None or (value > old if self._best_mode == 'max' else value < old)
+    if better:
+      self._best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                      metrics={k: float(v) for k, v in scores.items()}, force=True)
+    return better
+
+  def restore_best(self, abstract_state, step: int | None = None):
+    """The best state (or the best dir's `step`), into `abstract_state`'s shardings."""
+    step = self.best_step() if step is None else step
+    restored = self._best.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    return restored['state']
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -54,10 +100,12 @@ class Checkpoints:
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
+    self._best.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
+    self._best.close()
 
 
 def with_shardings(abstract_tree, shardings):

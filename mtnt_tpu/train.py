@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from mtnt_tpu import checkpoint as checkpoint_lib
+from mtnt_tpu import evaluate as evaluate_lib
 from mtnt_tpu import metrics as metrics_lib
 from mtnt_tpu import model as model_lib
 from mtnt_tpu import optim
@@ -193,27 +194,6 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     os.replace(tmp, path)
 
 
-class Evaluator:
-  """Eval loss over the whole eval split; batches tokenized once and cached."""
-
-  def __init__(self, run: Run, eval_step):
-    shard = pipeline.HostShard.current()
-    self._batches = list(pipeline.eval_batches(run.config.data, run.tokenizer,
-                                               run.local_batch, shard))
-    self._run = run
-    self._step = eval_step
-
-  def __call__(self, params) -> dict[str, float]:
-    totals = None
-    for local in self._batches:
-      sums = self._step(params, pipeline.to_global(local, self._run.batch_sharding))
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    t = jax.device_get(totals)
-    n = max(float(t['target_tokens']), 1.0)
-    return {'eval_loss': float(t['loss_sum']) / n, 'eval_accuracy': float(t['correct']) / n,
-            'eval_target_tokens': float(t['target_tokens'])}
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains to config.train.num_steps; returns the last logged metrics."""
   run = build(config)
@@ -223,7 +203,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                dict(run.mesh.shape), run.mesh.size, jax.process_count(),
                sharding.describe(run.abstract_state.params, run.state_shardings.params))
 
-  ckpts = checkpoint_lib.Checkpoints(workdir, c.train.keep_checkpoints)
+  ckpts = checkpoint_lib.Checkpoints(workdir, c.train.keep_checkpoints,
+                                     c.eval.best_metric, c.eval.best_mode)
   data_iter = iter(pipeline.train_dataset(c.data, c.tokenizer.path, run.local_batch,
                                           pipeline.HostShard.current()))
   # Resume order: this workdir's latest, else pretrained weights, else random.
@@ -241,7 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   train_step, eval_step, compile_s = compile_steps(run)
   logging.info('compiled train and eval steps in %.1fs', compile_s)
-  evaluate = Evaluator(run, eval_step)
+  evaluate = evaluate_lib.Evaluator(run, eval_step, workdir)
   writer = metrics_lib.Writer(workdir)
   last = {}
   try:
@@ -281,7 +262,7 @@ def _loop(run, state, start, data_iter, train_step, evaluate, ckpts, writer) -> 
     return out
 
   if start == 0 and c.train.eval_at_start:
-    writer.write(0, evaluate(state.params))
+    writer.write(0, evaluate(state.params, 0))
     clock.lap()
   for step in range(start, num_steps):
     t_in = time.perf_counter()
@@ -303,10 +284,11 @@ def _loop(run, state, start, data_iter, train_step, evaluate, ckpts, writer) -> 
       last = report(*pending)
       pending = None
     if do_eval:
-      scores = evaluate(state.params)
+      scores = evaluate(state.params, done)
       writer.write(done, scores)
       last.update(scores)
       clock.lap()  # eval time is not training throughput
+      ckpts.save_best(done, state, scores)
     if do_save:
       ckpts.save(done, state, data_iter)
   if pending is not None:
