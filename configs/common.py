@@ -19,6 +19,14 @@ def get_config() -> ml_collections.ConfigDict:
   # Instruction-tuned (-it) checkpoints: wrap each example in Gemma chat turns.
   c.model.chat_template = False
 
+  c.lora = ml_collections.ConfigDict()
+  # rank > 0: train low-rank adapters only; the base stays frozen in base_dtype
+  # and checkpoints hold only the adapters (the base is config.model.checkpoint).
+  c.lora.rank = 0
+  c.lora.alpha = 16.0  # adapters are scaled by alpha / rank
+  c.lora.targets = 'both'  # 'attention' projections, 'ffw' feed-forward, or 'both'
+  c.lora.base_dtype = 'bfloat16'
+
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ''  # SentencePiece model, e.g. .../gemma/flax/2b/2/tokenizer.model
 
@@ -32,6 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.packing = True  # several examples per row; False pads one example per row
   c.data.overlong = 'truncate'  # or 'drop': examples longer than max_len
   c.data.shuffle_seed = 0
+  # The split is read as this many shards, each packed into its own rows of
+  # every batch; 0 = one per process. Fix it (to a multiple of every host
+  # count you use) to get the same batches on any number of hosts.
+  c.data.num_shards = 0
   c.data.num_workers = 0  # Grain worker processes for tokenization (0: in-process)
 
   c.train = ml_collections.ConfigDict()
@@ -73,6 +85,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.runtime.cpu_devices = 0
   # JAX's persistent compilation cache: '' = WORKDIR/jax_cache, 'off' = none.
   c.runtime.compilation_cache = ''
+  # Peak dense FLOP/s per device for MFU; 0 = the chip's datasheet figure
+  # (TPU v4/v5e/v5p/v6e, H100/H200), or a measured matmul on the CPU.
+  c.runtime.peak_tflops = 0.0
 
   c.mesh = ml_collections.ConfigDict()
   # Axis sizes multiply to the device count; -1 takes the rest. Batches are

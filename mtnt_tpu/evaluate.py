@@ -1,30 +1,80 @@
-"""Evaluation over the whole eval split: loss and token accuracy.
+"""Evaluation over the eval split: loss and token accuracy, BLEU and chrF.
 
 Eval batches are tokenized once and cached on the host; each eval runs the
-jitted eval step over all of them and adds up sums, so the figure is exact for
+jitted eval step over all of them and adds up sums, so the loss is exact for
 the split whatever the batch size or host count.
+
+Translation quality (config.eval.decode_examples != 0): the split's sources
+(all, or the first N) are greedy-decoded with `decode.Decoder` on the training
+mesh, compiled once, and scored with sacrebleu's corpus BLEU and chrF. Every
+process decodes the same global batches and receives every hypothesis, so
+every process computes the same scores (the best-checkpoint decision in
+train.py must agree across processes); only process 0 writes
+WORKDIR/samples/step_N.txt.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import time
+from typing import Sequence
+
+from absl import logging
 import jax
 import jax.numpy as jnp
+from sacrebleu.metrics import BLEU, CHRF
 
+from mtnt_tpu import decode as decode_lib
 from mtnt_tpu.data import pipeline
+from mtnt_tpu.data import records
+
+SAMPLE_FIELDS = ('source', 'reference', 'hypothesis')
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  source: str
+  reference: str
+  hypothesis: str
 
 
 class Evaluator:
-  """Eval loss over the whole eval split; batches tokenized once and cached."""
+  """Eval loss over the whole eval split, and BLEU/chrF of greedy translations."""
 
   def __init__(self, run, eval_step, workdir: str):
+    c = run.config
     shard = pipeline.HostShard.current()
-    self._batches = list(pipeline.eval_batches(run.config.data, run.tokenizer,
-                                               run.local_batch, shard))
+    self._batches = list(pipeline.eval_batches(c.data, run.tokenizer, run.local_batch, shard,
+                                               chat_template=c.model.chat_template))
     self._run = run
     self._workdir = workdir
     self._step = eval_step
+    self._decoder = None
+    if c.eval.decode_examples != 0:
+      pairs = eval_pairs(c.data, c.eval.decode_examples)
+      self._sources = [p.src for p in pairs]
+      self._references = [p.dst for p in pairs]
+      t0 = time.perf_counter()
+      self._decoder = decode_lib.Decoder(
+          run, run.tokenizer, batch_size=c.train.batch_size, max_prompt_len=c.data.max_len,
+          max_decode_len=c.eval.max_decode_len, dst_lang=c.data.dst_lang,
+          chat_template=c.model.chat_template)
+      self._prompts = self._decoder.encode_prompts(self._sources)
+      logging.info('compiled the decoder (batch %d, prompt %d, new tokens %d) in %.1fs; '
+                   '%d eval examples to translate', self._decoder.batch_size,
+                   c.data.max_len, c.eval.max_decode_len, time.perf_counter() - t0,
+                   len(self._sources))
+      self._bleu, self._chrf = BLEU(), CHRF()
+      self._signatures_logged = False
 
   def __call__(self, params, step: int) -> dict[str, float]:
+    scores = self._loss(params)
+    if self._decoder is not None:
+      scores.update(self._quality(params, step))
+    return scores
+
+  def _loss(self, params) -> dict[str, float]:
     totals = None
     for local in self._batches:
       sums = self._step(params, pipeline.to_global(local, self._run.batch_sharding))
@@ -33,3 +83,60 @@ class Evaluator:
     n = max(float(t['target_tokens']), 1.0)
     return {'eval_loss': float(t['loss_sum']) / n, 'eval_accuracy': float(t['correct']) / n,
             'eval_target_tokens': float(t['target_tokens'])}
+
+  def _quality(self, params, step: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    ids = self._decoder.generate(params, self._prompts)
+    hypotheses = [self._decoder.detokenize(x) for x in ids]
+    decode_s = time.perf_counter() - t0
+    bleu = self._bleu.corpus_score(hypotheses, [self._references])
+    chrf = self._chrf.corpus_score(hypotheses, [self._references])
+    if not self._signatures_logged and jax.process_index() == 0:
+      logging.info('eval_bleu is sacrebleu %s; eval_chrf is sacrebleu %s',
+                   self._bleu.get_signature(), self._chrf.get_signature())
+      self._signatures_logged = True
+    n = self._run.config.eval.num_logged_examples
+    if jax.process_index() == 0 and n > 0:
+      write_samples(os.path.join(self._workdir, 'samples', f'step_{step}.txt'),
+                    [Sample(*x) for x in zip(self._sources[:n], self._references[:n],
+                                             hypotheses[:n])])
+    return {'eval_bleu': bleu.score, 'eval_chrf': chrf.score, 'eval_decode_seconds': decode_s}
+
+
+def eval_pairs(data_cfg, num_examples: int) -> list[records.Pair]:
+  """The eval split's pairs in order: all when num_examples is -1, else the first N."""
+  src = pipeline.source(data_cfg.dir, data_cfg.eval_split)
+  n = len(src) if num_examples < 0 else min(num_examples, len(src))
+  return [records.decode(src[i]) for i in range(n)]
+
+
+def write_samples(path: str, samples: Sequence[Sample]) -> None:
+  """`source: ...`, `reference: ...`, `hypothesis: ...` and a blank line, per sample."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + '.tmp'
+  with open(tmp, 'w', encoding='utf-8') as f:
+    for s in samples:
+      for field in SAMPLE_FIELDS:
+        f.write(f'{field}: {_one_line(getattr(s, field))}\n')
+      f.write('\n')
+  os.replace(tmp, path)
+
+
+def read_samples(path: str) -> list[Sample]:
+  """The samples `write_samples` wrote."""
+  with open(path, encoding='utf-8') as f:
+    blocks = f.read().split('\n\n')
+  out = []
+  for block in blocks:
+    if not block.strip():
+      continue
+    fields = dict(line.split(': ', 1) if ': ' in line else (line.rstrip(':'), '')
+                  for line in block.split('\n'))
+    out.append(Sample(*(fields[k] for k in SAMPLE_FIELDS)))
+  return out
+
+
+def _one_line(text: str) -> str:
+  # Sources and references come from one-line records, hypotheses are cut at
+  # the first newline; this only guards the file format.
+  return text.replace('\n', ' ')

@@ -1,4 +1,9 @@
-"""python -m mtnt_tpu.main --config configs/v4_8.py --workdir DIR [--config.train.num_steps=N]"""
+"""python -m mtnt_tpu.main --config configs/v4_8.py --workdir DIR [--config.train.num_steps=N]
+
+On a multi-host TPU slice every host runs the same command; the hosts find
+each other through the TPU metadata. Elsewhere pass --coordinator_address,
+--num_processes and --process_id (the same address on every process).
+"""
 
 import logging as logging_std
 import os
@@ -9,11 +14,19 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from mtnt_tpu import runtime
 from mtnt_tpu import train
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs go here.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs go here '
+                               '(a local path or gs://bucket/path).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0, for multi-process runs off Cloud TPU.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
+_TIMEOUT = flags.DEFINE_integer('distributed_timeout', 300,
+                                'Seconds to wait for the other processes before giving up.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -30,16 +43,17 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
   config = _CONFIG.value
-  if config.runtime.cpu_devices:
-    # Must precede the first backend use: a CPU run with N faked devices.
-    jax.config.update('jax_platforms', 'cpu')
-    jax.config.update('jax_num_cpu_devices', config.runtime.cpu_devices)
+  try:
+    runtime.start(config.runtime.cpu_devices, runtime.Cluster(
+        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _TIMEOUT.value))
+  except RuntimeError as e:
+    raise SystemExit(f'error: {e}') from None
   logging.info('JAX %s, process %d of %d, %d local / %d global devices (%s)',
                jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
   try:
     train.train_and_evaluate(config, _WORKDIR.value)
-  except train.ConfigError as e:
+  except (train.ConfigError, FloatingPointError) as e:
     raise SystemExit(f'error: {e}') from None
 
 

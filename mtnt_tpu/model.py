@@ -18,6 +18,7 @@ from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from gemma import layers as gemma_layers
 from gemma import modules as gemma_modules
 from gemma import params as gemma_params
 from gemma import transformer as gemma_transformer
@@ -97,8 +98,62 @@ def attention_mask(segment_ids_BL: jax.Array) -> jax.Array:
   return causal_LL[None] & same_BLL & real_B1L
 
 
-def make_model(cfg: TransformerConfig) -> nn.Module:
-  return gemma_transformer.Transformer(cfg)
+# Backward-pass memory against recompute, by config.model.remat. 'matmuls'
+# saves dot outputs without batch dimensions (the projections and MLP), so the
+# attention logits [B, N, L, L], a batched dot, are recomputed, not kept.
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    'block': None,  # nn.remat's None: keep only the block's inputs
+    'matmuls': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+REMAT_CHOICES = ('none', *REMAT_POLICIES)
+
+
+class RematTransformer(gemma_transformer.Transformer):
+  """gemma's Transformer with every block under `nn.remat(policy=remat_policy)`.
+
+  The parameter tree is the parent's ('layer_0/attn/q_einsum/w', ...), so
+  Kaggle checkpoints load unchanged.
+  """
+  remat_policy: Callable[..., bool] | None = None
+
+  def setup(self):
+    # Mirrors gemma_transformer.Transformer.setup (gemma 2.0.8) with the block
+    # class swapped; tests/test_remat.py compares loss, gradients and tree with it.
+    c = self.config
+    block_cls = nn.remat(gemma_modules.Block, policy=self.remat_policy)
+    self.embedder = gemma_modules.Embedder(vocab_size=c.num_embed, embed_dim=c.embed_dim)
+    self.blocks = [
+        block_cls(
+            name=f'layer_{i}',
+            num_heads=c.num_heads,
+            num_kv_heads=c.num_kv_heads,
+            embed_dim=c.embed_dim,
+            head_dim=c.head_dim,
+            hidden_dim=c.hidden_dim,
+            sliding_window_size=c.sliding_window_size,
+            use_post_attn_norm=c.use_post_attn_norm,
+            use_post_ffw_norm=c.use_post_ffw_norm,
+            attn_logits_soft_cap=c.attn_logits_soft_cap,
+            attn_type=attn_type,
+            query_pre_attn_scalar=c.query_pre_attn_scalar(),
+            transpose_gating_einsum=c.transpose_gating_einsum,
+            use_qk_norm=c.use_qk_norm,
+            rope_base_frequency=(c.local_base_frequency if attn_type == _LOCAL
+                                 else c.global_base_frequency),
+        )
+        for i, attn_type in zip(range(c.num_layers), c.attention_types)
+    ]
+    self.final_norm = gemma_layers.RMSNorm()
+
+
+def make_model(cfg: TransformerConfig, remat: str = 'none') -> nn.Module:
+  """The Gemma network; `remat` is one of REMAT_CHOICES (config.model.remat)."""
+  if remat == 'none':
+    return gemma_transformer.Transformer(cfg)
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'config.model.remat={remat!r}: use one of '
+                     f'{", ".join(repr(r) for r in REMAT_CHOICES)}')
+  return RematTransformer(cfg, remat_policy=REMAT_POLICIES[remat])
 
 
 def forward(model: nn.Module, params: Params, inputs_BL: jax.Array,

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from mtnt_tpu import lora as lora_lib
 from mtnt_tpu import model as model_lib
 
 
@@ -42,9 +43,11 @@ def token_sums(model, params, batch: dict, compute_dtype) -> dict[str, jax.Array
   }
 
 
-def _grads_and_sums(model, params, batch, compute_dtype, accum_steps: int):
+def _grads_and_sums(model, params, frozen, batch, compute_dtype, accum_steps: int):
   def f(p, b):
-    sums = token_sums(model, p, b, compute_dtype)
+    # LoRA: gradients reach only the adapters; the frozen base joins here.
+    full = lora_lib.merge(frozen, p) if frozen else p
+    sums = token_sums(model, full, b, compute_dtype)
     return sums['loss_sum'], sums
 
   grad_fn = jax.grad(f, has_aux=True)
@@ -62,16 +65,18 @@ def _grads_and_sums(model, params, batch, compute_dtype, accum_steps: int):
     return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s)), None
 
   zeros_g = jax.tree.map(jnp.zeros_like, params)
-  zeros_s = jax.eval_shape(lambda: token_sums(model, params, jax.tree.map(lambda x: x[0], micro),
-                                              compute_dtype))
+  zeros_s = jax.eval_shape(lambda: f(params, jax.tree.map(lambda x: x[0], micro))[1])
   zeros_s = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros_s)
   (g, sums), _ = jax.lax.scan(body, (zeros_g, zeros_s), micro)
   return g, sums
 
 
-def train_step(state: TrainState, batch: dict, *, model, optimizer: optax.GradientTransformation,
-               compute_dtype=jnp.float32, accum_steps: int = 1) -> tuple[TrainState, dict]:
-  grads_sum, sums = _grads_and_sums(model, state.params, batch, compute_dtype, accum_steps)
+def train_step(state: TrainState, batch: dict, frozen=None, *, model,
+               optimizer: optax.GradientTransformation, compute_dtype=jnp.float32,
+               accum_steps: int = 1) -> tuple[TrainState, dict]:
+  """One optimizer step. `frozen`: the LoRA base weights (empty or None otherwise)."""
+  grads_sum, sums = _grads_and_sums(model, state.params, frozen, batch, compute_dtype,
+                                    accum_steps)
   n = jnp.maximum(sums['target_tokens'], 1.0)
   grads = jax.tree.map(lambda g: g / n, grads_sum)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -12,21 +12,23 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from mtnt_tpu import checkpoint as checkpoint_lib
 from mtnt_tpu import evaluate as evaluate_lib
+from mtnt_tpu import flops
+from mtnt_tpu import lora as lora_lib
 from mtnt_tpu import metrics as metrics_lib
 from mtnt_tpu import model as model_lib
 from mtnt_tpu import optim
+from mtnt_tpu import runtime
 from mtnt_tpu import sharding
 from mtnt_tpu import steps
 from mtnt_tpu import tokenizer as tokenizer_lib
@@ -52,6 +54,13 @@ class Run:
   batch_sharding: jax.sharding.NamedSharding
   local_batch: int  # rows this process feeds per step
   compute_dtype: jnp.dtype
+  # The plain Gemma weights that evaluation, decoding and export read. Without
+  # LoRA they are the trained params; with it, the base with adapters folded in.
+  abstract_params: object
+  params_shardings: object
+  lora: lora_lib.LoraSpec | None = None
+  abstract_frozen: object = dataclasses.field(default_factory=dict)  # the LoRA base
+  frozen_shardings: object = dataclasses.field(default_factory=dict)
 
   @property
   def random_init(self) -> bool:
@@ -74,6 +83,7 @@ def build(config: ml_collections.ConfigDict, devices=None, *,
 
 def _check_config(c, mesh) -> None:
   model_lib.check_variant(c.model.variant)
+  parse_step_range(c.profile.steps)
   divisor = sharding.batch_divisor(mesh) * c.optim.grad_accum_steps
   if c.train.batch_size % divisor:
     raise ValueError(
@@ -82,9 +92,12 @@ def _check_config(c, mesh) -> None:
         f'config.optim.grad_accum_steps={c.optim.grad_accum_steps})')
   if c.data.overlong not in ('truncate', 'drop'):
     raise ValueError(f"config.data.overlong={c.data.overlong!r}: use 'truncate' or 'drop'")
-  for name in ('param_dtype', 'compute_dtype'):
-    if getattr(c.model, name) not in ('float32', 'bfloat16'):
-      raise ValueError(f"config.model.{name}={getattr(c.model, name)!r}: use 'float32' or 'bfloat16'")
+  for section, name in (('model', 'param_dtype'), ('model', 'compute_dtype'),
+                        ('lora', 'base_dtype')):
+    if c[section][name] not in ('float32', 'bfloat16'):
+      raise ValueError(f"config.{section}.{name}={c[section][name]!r}: use 'float32' or "
+                       "'bfloat16'")
+  lora_lib.LoraSpec.from_config(c.lora)
   if c.model.checkpoint == '' and not c.model.variant.startswith('tiny'):
     raise ValueError(
         f'config.model.checkpoint is empty for {c.model.variant}: point it at the '
@@ -97,6 +110,10 @@ def _check_files(c) -> None:
                      f'{jax.process_count()} processes')
   for split in (c.data.train_split, c.data.eval_split):
     pipeline.split_paths(c.data.dir, split)
+  shards = pipeline.num_data_shards(c.data, pipeline.HostShard.current())
+  if c.train.batch_size % shards:
+    raise ValueError(f'config.train.batch_size={c.train.batch_size} must be a multiple of '
+                     f'config.data.num_shards={shards}')
   if (c.model.checkpoint not in ('', 'random') and not os.path.exists(c.model.checkpoint)
       and '://' not in c.model.checkpoint):
     raise ValueError(f'config.model.checkpoint={c.model.checkpoint!r} does not exist; '
@@ -113,36 +130,61 @@ def _build(config, devices, vocab_size) -> Run:
     tok = tokenizer_lib.Tokenizer(c.tokenizer.path)
     vocab_size = tok.vocab_size
   model_cfg = model_lib.build_config(c.model.variant, vocab_size)
-  model = model_lib.make_model(model_cfg)
+  plain = model_lib.make_model(model_cfg, c.model.remat)
+  spec = lora_lib.LoraSpec.from_config(c.lora)
+  model = lora_lib.LoraModel(plain, spec) if spec else plain
   optimizer, schedule = optim.make(c.optim, c.train.num_steps)
 
   def init_state(rng):
-    params = model_lib.init_params(model, rng, c.model.param_dtype)
+    params, _ = _init_params(model, spec, rng, c)
     return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                             opt_state=optimizer.init(params))
 
   abstract = jax.eval_shape(init_state, jax.random.key(0))
   shardings = sharding.tree_shardings(abstract, mesh)
+  abstract_params = model_lib.abstract_params(
+      plain, c.lora.base_dtype if spec else c.model.param_dtype)
+  params_shardings = sharding.tree_shardings(abstract_params, mesh)
   return Run(
       config=c, mesh=mesh, model_config=model_cfg, model=model, tokenizer=tok,
       optimizer=optimizer, schedule=schedule,
       abstract_state=checkpoint_lib.with_shardings(abstract, shardings),
       state_shardings=shardings, batch_sharding=sharding.batch_sharding(mesh),
       local_batch=c.train.batch_size // jax.process_count(),
-      compute_dtype=jnp.dtype(c.model.compute_dtype))
+      compute_dtype=jnp.dtype(c.model.compute_dtype),
+      abstract_params=checkpoint_lib.with_shardings(abstract_params, params_shardings),
+      params_shardings=params_shardings, lora=spec,
+      abstract_frozen=(checkpoint_lib.with_shardings(abstract_params, params_shardings)
+                       if spec else {}),
+      frozen_shardings=params_shardings if spec else {})
+
+
+def _init_params(model, spec, rng, c) -> tuple[dict, dict]:
+  """(trained params, frozen base): all params and {}, or LoRA adapters and base."""
+  params = model_lib.init_params(model, rng, c.model.param_dtype)
+  if spec is None:
+    return params, {}
+  base, adapters = lora_lib.split(params)
+  return adapters, jax.tree.map(lambda p: p.astype(c.lora.base_dtype), base)
 
 
 def init_state(run: Run, rng: jax.Array) -> steps.TrainState:
   """Random init, computed sharded: no array is ever whole on one device."""
   def f(rng):
-    params = model_lib.init_params(run.model, rng, run.config.model.param_dtype)
+    params, _ = _init_params(run.model, run.lora, rng, run.config)
     return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                             opt_state=run.optimizer.init(params))
   return jax.jit(f, out_shardings=run.state_shardings)(rng)
 
 
 def load_pretrained(run: Run) -> steps.TrainState:
-  """Kaggle weights restored into their shardings, fresh optimizer state."""
+  """Kaggle weights restored into their shardings, fresh optimizer state.
+
+  With LoRA the weights are the frozen base (see `frozen_base`) and the
+  trained state is freshly initialised adapters.
+  """
+  if run.lora:
+    return init_state(run, jax.random.key(run.config.train.seed))
   params = model_lib.load_kaggle_params(run.config.model.checkpoint, run.abstract_state.params)
   params = jax.tree.map(lambda p: p.astype(run.config.model.param_dtype), params)
   opt_state = jax.jit(run.optimizer.init, out_shardings=run.state_shardings.opt_state)(params)
@@ -150,8 +192,42 @@ def load_pretrained(run: Run) -> steps.TrainState:
   return steps.TrainState(step=step, params=params, opt_state=opt_state)
 
 
+def frozen_base(run: Run) -> dict:
+  """The LoRA base ({} without LoRA): the Kaggle weights, or for a randomly
+  initialised tiny model the same init as train.seed gives, so a resumed run
+  and `translate` find the base its adapters were trained on."""
+  if not run.lora:
+    return {}
+  if not run.random_init:
+    path = run.config.model.checkpoint
+    if '://' not in path and not os.path.exists(path):
+      raise FileNotFoundError(
+          f'the LoRA base config.model.checkpoint={path!r} does not exist; the adapters '
+          'were trained on it: put it back there, or point the field at its new place')
+    return model_lib.load_kaggle_params(path, run.abstract_frozen)
+  f = lambda rng: _init_params(run.model, run.lora, rng, run.config)[1]
+  return jax.jit(f, out_shardings=run.frozen_shardings)(jax.random.key(run.config.train.seed))
+
+
+def inference_params(run: Run, params, frozen):
+  """Plain Gemma weights for eval, decoding and export (LoRA adapters folded in)."""
+  if not run.lora:
+    return params
+  fold = lambda base, adapters: lora_lib.fold(base, adapters, run.lora,
+                                              run.model_config.transpose_gating_einsum)
+  return jax.jit(fold, out_shardings=run.params_shardings)(frozen, params)
+
+
 def compile_steps(run: Run):
   """AOT-compiled train and eval steps with explicit shardings; state donated."""
+  t0 = time.perf_counter()
+  train, evaluate = lower_steps(run)
+  train_c, eval_c = train.compile(), evaluate.compile()
+  return train_c, eval_c, time.perf_counter() - t0
+
+
+def lower_steps(run: Run):
+  """The train and eval steps lowered against abstract inputs (aot.py compiles these too)."""
   L = run.config.data.max_len
   B = run.config.train.batch_size
   batch_spec = {k: jax.ShapeDtypeStruct((B, L), jnp.int32, sharding=run.batch_sharding)
@@ -162,51 +238,63 @@ def compile_steps(run: Run):
       functools.partial(steps.train_step, model=run.model, optimizer=run.optimizer,
                         compute_dtype=run.compute_dtype,
                         accum_steps=run.config.optim.grad_accum_steps),
-      in_shardings=(run.state_shardings, batch_shardings),
+      in_shardings=(run.state_shardings, batch_shardings, run.frozen_shardings),
       out_shardings=(run.state_shardings, replicated),
       donate_argnums=(0,))
+  # Evaluation reads plain weights (LoRA folded in), so it needs no adapters.
   evaluate = jax.jit(
-      functools.partial(steps.eval_step, model=run.model, compute_dtype=run.compute_dtype),
-      in_shardings=(run.state_shardings.params, batch_shardings),
+      functools.partial(steps.eval_step, model=model_lib.make_model(run.model_config),
+                        compute_dtype=run.compute_dtype),
+      in_shardings=(run.params_shardings, batch_shardings),
       out_shardings=replicated)
-  t0 = time.perf_counter()
-  train_c = train.lower(run.abstract_state, batch_spec).compile()
-  eval_c = evaluate.lower(run.abstract_state.params, batch_spec).compile()
-  return train_c, eval_c, time.perf_counter() - t0
+  return (train.lower(run.abstract_state, batch_spec, run.abstract_frozen),
+          evaluate.lower(run.abstract_params, batch_spec))
 
 
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Creates the workdir and records the config; refuses a workdir of another model."""
-  path = os.path.join(workdir, 'config.json')
-  if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      old = json.load(f)
-    old_variant = old.get('model', {}).get('variant')
-    if old_variant != config.model.variant:
-      raise ConfigError(
-          f'workdir {workdir} holds a {old_variant} run, this config trains '
-          f'{config.model.variant}; use a new --workdir')
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(tmp, path)
+  """Checks the workdir is readable, writable and of this model; records the config.
+
+  Runs after every other check and before anything is compiled, so a bad
+  config never leaves a workdir behind and a bucket without credentials fails
+  in seconds.
+  """
+  root = epath.Path(workdir)
+  path = root / 'config.json'
+  try:
+    old = json.loads(path.read_text()) if path.exists() else None
+    if old is None and jax.process_index() == 0:
+      root.mkdir(parents=True, exist_ok=True)
+      tmp = root / 'config.json.tmp'
+      tmp.write_text(config.to_json_best_effort(indent=2))
+      tmp.rename(path)
+  except Exception as e:  # noqa: BLE001 - local, GCS and fsspec errors differ
+    hint = ('give this VM\'s service account write access to the bucket, or run '
+            '`gcloud auth application-default login`' if '://' in workdir
+            else 'choose a --workdir you can write')
+    raise ConfigError(f'cannot use workdir {workdir} ({type(e).__name__}: {e}); {hint}') from e
+  old_variant = (old or {}).get('model', {}).get('variant', config.model.variant)
+  if old_variant != config.model.variant:
+    raise ConfigError(
+        f'workdir {workdir} holds a {old_variant} run, this config trains '
+        f'{config.model.variant}; use a new --workdir')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains to config.train.num_steps; returns the last logged metrics."""
+  """Trains to config.train.num_steps (or a SIGTERM); returns the last metrics."""
+  t_start = time.perf_counter()
   run = build(config)
   prepare_workdir(workdir, config)
   c = config
   logging.info('mesh %s over %d devices (%d processes); parameter shardings:\n%s',
                dict(run.mesh.shape), run.mesh.size, jax.process_count(),
                sharding.describe(run.abstract_state.params, run.state_shardings.params))
+  cache = runtime.enable_compilation_cache(c.runtime.compilation_cache, workdir)
 
   ckpts = checkpoint_lib.Checkpoints(workdir, c.train.keep_checkpoints,
                                      c.eval.best_metric, c.eval.best_mode)
-  data_iter = iter(pipeline.train_dataset(c.data, c.tokenizer.path, run.local_batch,
-                                          pipeline.HostShard.current()))
+  data_iter = iter(pipeline.train_dataset(c.data, c.tokenizer.path, c.train.batch_size,
+                                          pipeline.HostShard.current(),
+                                          chat_template=c.model.chat_template))
   # Resume order: this workdir's latest, else pretrained weights, else random.
   latest = ckpts.latest_step()
   if latest is not None:
@@ -218,79 +306,104 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     logging.info('random init of %s', c.model.variant)
     state = init_state(run, jax.random.key(c.train.seed))
-  start = int(jax.device_get(state.step))
 
+  frozen = frozen_base(run)
   train_step, eval_step, compile_s = compile_steps(run)
-  logging.info('compiled train and eval steps in %.1fs', compile_s)
-  evaluate = evaluate_lib.Evaluator(run, eval_step, workdir)
+  logging.info('compiled train and eval steps in %.1fs (compilation cache: %s)',
+               compile_s, cache or 'off')
   writer = metrics_lib.Writer(workdir)
-  last = {}
+  preemption = runtime.Preemption()
   try:
-    last = _loop(run, state, start, data_iter, train_step, evaluate, ckpts, writer)
+    return _loop(run, state, frozen, data_iter, train_step,
+                 evaluate_lib.Evaluator(run, eval_step, workdir), ckpts, writer, preemption,
+                 Profile(c.profile.steps, workdir), startup=(t_start, compile_s))
   finally:
+    preemption.close()
     ckpts.close()
     writer.close()
-  return last
 
 
-def _loop(run, state, start, data_iter, train_step, evaluate, ckpts, writer) -> dict:
+class Profile:
+  """A JAX profile of steps [start, stop) into WORKDIR/profile (TensorBoard, Perfetto)."""
+
+  def __init__(self, steps_range: str, workdir: str):
+    self.start, self.stop = parse_step_range(steps_range)
+    self._dir = os.path.join(workdir, 'profile')
+
+  def before(self, step: int) -> None:
+    if step == self.start:
+      jax.profiler.start_trace(self._dir)
+
+  def after(self, step: int, state) -> None:
+    if step + 1 == self.stop:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      logging.info('profile of steps %d..%d written to %s', self.start, self.stop - 1, self._dir)
+
+
+def parse_step_range(text: str) -> tuple[int, int]:
+  """'10:13' -> (10, 13); '' -> (-1, -1)."""
+  if not text:
+    return -1, -1
+  try:
+    start, stop = (int(x) for x in text.split(':'))
+  except ValueError:
+    start = stop = -1
+  if not 0 <= start < stop:
+    raise ValueError(f"config.profile.steps={text!r}: use 'START:STOP' with "
+                     "START < STOP, e.g. '10:13'")
+  return start, stop
+
+
+def _step_log(run: Run, writer) -> metrics_lib.StepLog:
+  c, m = run.config, run.model_config
+  n_params = sum(p.size for p in jax.tree.leaves(run.abstract_params))
+  peak, source = flops.peak_per_device(jax.devices()[0], c.runtime.peak_tflops)
+  per_token = flops.per_token(n_params, m.num_layers, m.num_heads, m.head_dim, c.data.max_len,
+                              weight_grads=run.lora is None)
+  logging.info('model FLOPs per token %.3g (%d x %d params + attention); peak %.3g FLOP/s '
+               'per device (%s)', per_token, 4 if run.lora else 6, n_params, peak, source)
+  return metrics_lib.StepLog(writer, tokens_per_row_batch=c.train.batch_size * c.data.max_len,
+                             schedule=run.schedule, flops_per_token=per_token,
+                             peak_flops=peak * jax.device_count())
+
+
+def _loop(run, state, frozen, data_iter, train_step, evaluate, ckpts, writer, preemption,
+          profile, startup: tuple[float, float]) -> dict:
   c = run.config
-  num_steps = c.train.num_steps
-  rows_x_len = c.train.batch_size * c.data.max_len
-  interval: list[dict] = []  # this log interval's device metrics, fetched one step behind
-  pending = None
-  input_s = 0.0
-  clock = metrics_lib.Stopwatch()
-  last: dict = {}
-
-  def report(step, ms, elapsed, waited):
-    ms = jax.device_get(ms)
-    loss = float(np.mean([m['loss'] for m in ms]))
-    if not math.isfinite(loss):
-      raise FloatingPointError(
-          f'loss is {loss} at step {step}; the last good checkpoint is kept in '
-          f'{ckpts.directory}. Lower config.optim.learning_rate and rerun.')
-    real = float(sum(m['real_tokens'] for m in ms))
-    out = {'loss': loss, 'accuracy': float(np.mean([m['accuracy'] for m in ms])),
-           'grad_norm': float(ms[-1]['grad_norm']),
-           'learning_rate': float(run.schedule(step - 1)),
-           'tokens_per_sec': real / elapsed,
-           'all_tokens_per_sec': rows_x_len * len(ms) / elapsed,
-           'step_time': elapsed / len(ms), 'input_wait_frac': waited / elapsed,
-           'nonpad_fraction': real / (rows_x_len * len(ms))}
-    writer.write(step, out)
-    return out
-
+  start, num_steps = int(jax.device_get(state.step)), c.train.num_steps
+  log = _step_log(run, writer)
+  every = lambda n, step: step % n == 0 or step == num_steps
   if start == 0 and c.train.eval_at_start:
-    writer.write(0, evaluate(state.params, 0))
-    clock.lap()
+    writer.write(0, evaluate(inference_params(run, state.params, frozen), 0))
+  log.pause()
   for step in range(start, num_steps):
+    profile.before(step)
     t_in = time.perf_counter()
     batch = pipeline.to_global(next(data_iter), run.batch_sharding)
-    input_s += time.perf_counter() - t_in
-    state, m = train_step(state, batch)
+    input_s = time.perf_counter() - t_in
+    state, device_metrics = train_step(state, batch, frozen)
+    profile.after(step, state)
     done = step + 1
-    if pending is not None:  # the previous interval, now that this step is queued
-      last = report(*pending)
-      pending = None
-    interval.append(m)
-    is_last = done == num_steps
-    if done % c.train.log_every == 0 or is_last:
-      pending = (done, interval, clock.lap(), input_s)
-      interval, input_s = [], 0.0
-    do_eval = done % c.train.eval_every == 0 or is_last
-    do_save = done % c.train.checkpoint_every == 0 or is_last
-    if (do_eval or do_save) and pending is not None:
-      last = report(*pending)
-      pending = None
-    if do_eval:
-      scores = evaluate(state.params, done)
+    if step == start:  # what a user waits for before the first step, and why
+      jax.block_until_ready(state)
+      writer.write(done, {'time_to_first_step': time.perf_counter() - startup[0],
+                          'compile_time': startup[1]})
+    log.add(done, device_metrics, input_s, close_interval=every(c.train.log_every, done))
+    preempted = preemption.reached(done)
+    if every(c.train.eval_every, done):
+      log.flush()
+      scores = evaluate(inference_params(run, state.params, frozen), done)
       writer.write(done, scores)
-      last.update(scores)
-      clock.lap()  # eval time is not training throughput
+      log.last.update(scores)
       ckpts.save_best(done, state, scores)
-    if do_save:
+      log.pause()
+    if every(c.train.checkpoint_every, done) or preempted:
+      log.flush()  # a NaN loss stops here, before it is saved
       ckpts.save(done, state, data_iter)
-  if pending is not None:
-    last = report(*pending)
-  return last
+      log.pause()
+    if preempted:
+      logging.warning('preempted: saved step %d; rerun the same command to resume', done)
+      break
+  log.flush()
+  return log.last

@@ -44,5 +44,16 @@ def run_main(workdir, *flags, timeout=600, env=None) -> subprocess.CompletedProc
                         env=full_env)
 
 
+def restore_numpy(path):
+  """An orbax pytree checkpoint as numpy arrays, whatever mesh wrote it."""
+  import orbax.checkpoint as ocp
+  ckptr = ocp.PyTreeCheckpointer()
+  meta = ckptr.metadata(path)
+  meta = getattr(meta, 'item_metadata', meta)
+  meta = getattr(meta, 'tree', meta)
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+  return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
 def host(tree):
   return jax.tree.map(np.asarray, jax.device_get(tree))

@@ -80,3 +80,19 @@ def test_typo_in_override_is_an_error(tmp_path):
   r = helpers.run_main(tmp_path / 'wd', '--config.train.num_stepz=3')
   assert r.returncode != 0 and 'num_stepz' in r.stderr
   assert not (tmp_path / 'wd').exists()
+
+
+def test_second_run_compiles_nothing_new(tmp_path):
+  """The persistent compilation cache: a rerun finds every program already built."""
+  cache = tmp_path / 'cache'
+  flags = ('--config.train.num_steps=2', f'--config.runtime.compilation_cache={cache}',
+           '--config.eval.decode_examples=0', '--config.train.eval_at_start=False')
+  r = helpers.run_main(tmp_path / 'a', *flags)
+  assert r.returncode == 0, r.stderr[-3000:]
+  entries = set(os.listdir(cache))
+  assert entries
+  r = helpers.run_main(tmp_path / 'b', *flags)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert set(os.listdir(cache)) == entries
+  startup = [row for row in _metrics(tmp_path / 'b') if 'compile_time' in row]
+  assert len(startup) == 1 and startup[0]['time_to_first_step'] > 0

@@ -58,9 +58,9 @@ class Example:
 
 
 def tokenize_example(tok: tokenizer_lib.Tokenizer, index: int, record: bytes,
-                     dst_lang: str, max_len: int) -> Example:
+                     dst_lang: str, max_len: int, chat_template: bool = False) -> Example:
   pair = records.decode(record)
-  prompt, target = tok.encode_example(pair.src, pair.dst, dst_lang)
+  prompt, target = tok.encode_example(pair.src, pair.dst, dst_lang, chat_template)
   full = np.asarray(prompt + target, np.int32)
   # Position i predicts full[i + 1]: the loss counts from the last prompt
   # token (predicting the first target token) to the token before EOS.
@@ -76,8 +76,10 @@ def tokenize_example(tok: tokenizer_lib.Tokenizer, index: int, record: bytes,
 class _Tokenize(grain.transforms.Map):
   """(index, record) -> dict of unpadded [n] arrays. Pickles by tokenizer path."""
 
-  def __init__(self, tokenizer_path: str, dst_lang: str, max_len: int):
+  def __init__(self, tokenizer_path: str, dst_lang: str, max_len: int,
+               chat_template: bool = False):
     self._path, self._dst_lang, self._max_len = tokenizer_path, dst_lang, max_len
+    self._chat_template = chat_template
     self._tok = None
 
   def __getstate__(self):
@@ -87,7 +89,8 @@ class _Tokenize(grain.transforms.Map):
     if self._tok is None:
       self._tok = tokenizer_lib.Tokenizer(self._path)
     index, record = element
-    ex = tokenize_example(self._tok, index, record, self._dst_lang, self._max_len)
+    ex = tokenize_example(self._tok, index, record, self._dst_lang, self._max_len,
+                          self._chat_template)
     return {'inputs': ex.inputs, 'targets': ex.targets, 'mask': ex.mask,
             'index': ex.index, 'truncated': np.asarray(ex.truncated)}
 
@@ -119,15 +122,27 @@ class HostShard:
     return cls(jax.process_index(), jax.process_count())
 
 
-def train_dataset(data_cfg, tokenizer_path: str, local_batch: int,
-                  shard: HostShard) -> grain.IterDataset:
-  """Infinite, shuffled per epoch, this host's slice, batched to [local_batch, L]."""
+def num_data_shards(data_cfg, shard: HostShard) -> int:
+  """Data shards K: config.data.num_shards, or one per process when 0."""
+  k = data_cfg.num_shards or shard.count
+  if k % shard.count:
+    raise ValueError(f'config.data.num_shards={k} must be a multiple of the '
+                     f'{shard.count} processes')
+  return k
+
+
+def _shard_stream(data_cfg, tokenizer_path: str, rows: int, k: int,
+                  num_shards: int, chat_template: bool = False) -> grain.IterDataset:
+  """Data shard k of K: its records, shuffled per epoch, packed into `rows` rows."""
   L = data_cfg.max_len
+  seed = (data_cfg.shuffle_seed * 1_000_003 + k) % 2**32
   ds = source(data_cfg.dir, data_cfg.train_split)
-  ds = ds.map_with_index(lambda i, r: (i, r))
-  ds = ds[shard.index::shard.count]
-  ds = ds.shuffle(seed=data_cfg.shuffle_seed).repeat(None)
-  ds = ds.map(_Tokenize(tokenizer_path, data_cfg.dst_lang, L))
+  n = len(ds)
+  # Grain passes later epochs' indices unreduced (epoch * n + i).
+  ds = ds.map_with_index(lambda i, r: (i % n, r))
+  ds = ds[k::num_shards]
+  ds = ds.shuffle(seed=seed).repeat(None)
+  ds = ds.map(_Tokenize(tokenizer_path, data_cfg.dst_lang, L, chat_template))
   if data_cfg.overlong == 'drop':
     ds = ds.filter(lambda ex: not ex['truncated'])
   elif data_cfg.overlong != 'truncate':
@@ -139,12 +154,37 @@ def train_dataset(data_cfg, tokenizer_path: str, local_batch: int,
   if data_cfg.packing:
     it = grain.experimental.FirstFitPackIterDataset(
         it, length_struct={k: L for k in ('inputs', 'targets', 'mask', 'index')},
-        num_packing_bins=local_batch, seed=data_cfg.shuffle_seed,
-        meta_features=('targets', 'mask', 'index'))
+        num_packing_bins=rows, seed=seed, meta_features=('targets', 'mask', 'index'))
     it = it.map(_from_packed)
   else:
     it = it.map(lambda ex: _pad_row(ex, L))
-  it = it.batch(local_batch, drop_remainder=True)
+  return it.batch(rows, drop_remainder=True)
+
+
+def train_dataset(data_cfg, tokenizer_path: str, batch_size: int,
+                  shard: HostShard, chat_template: bool = False) -> grain.IterDataset:
+  """This process's rows of each global batch: infinite, shuffled per epoch.
+
+  The split is cut into K data shards (config.data.num_shards), each a stream
+  of packed rows; a global batch is shard 0's rows, then shard 1's, and so on,
+  and each process makes the rows of its K/P shards. The batches are therefore
+  the same whatever the number of processes P, as long as it divides K: a run
+  can resume, or be checked, on another host count.
+  """
+  num_shards = num_data_shards(data_cfg, shard)
+  if batch_size % num_shards:
+    raise ValueError(f'config.train.batch_size={batch_size} must be a multiple of '
+                     f'config.data.num_shards={num_shards}')
+  rows = batch_size // num_shards
+  per_host = num_shards // shard.count
+  mine = range(shard.index * per_host, (shard.index + 1) * per_host)
+  streams = [_shard_stream(data_cfg, tokenizer_path, rows, k, num_shards, chat_template)
+             for k in mine]
+  if len(streams) == 1:
+    it = streams[0]
+  else:
+    it = grain.experimental.ZipIterDataset(streams).map(
+        lambda parts: {key: np.concatenate([p[key] for p in parts]) for key in parts[0]})
   if data_cfg.num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers))
   else:  # batches are made in a thread while the device runs the step
@@ -153,7 +193,7 @@ def train_dataset(data_cfg, tokenizer_path: str, local_batch: int,
 
 
 def eval_batches(data_cfg, tok: tokenizer_lib.Tokenizer, local_batch: int,
-                 shard: HostShard) -> Iterator[dict]:
+                 shard: HostShard, chat_template: bool = False) -> Iterator[dict]:
   """The whole eval split, one example per row, truncated never dropped.
 
   Every process yields the same number of batches (padding rows have mask 0),
@@ -168,7 +208,7 @@ def eval_batches(data_cfg, tok: tokenizer_lib.Tokenizer, local_batch: int,
   empty = {k: np.zeros(L, np.int32) for k in MODEL_KEYS} | {'index': np.full(L, -1, np.int32)}
   rows = []
   for i in mine:
-    ex = tokenize_example(tok, i, src[i], data_cfg.dst_lang, L)
+    ex = tokenize_example(tok, i, src[i], data_cfg.dst_lang, L, chat_template)
     rows.append(_pad_row(dataclasses.asdict(ex), L))
   rows += [empty] * (num_batches * local_batch - len(rows))
   for b in range(num_batches):

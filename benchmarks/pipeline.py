@@ -1,0 +1,623 @@
+"""Input-pipeline benchmark: mtnt_tpu's Grain pipeline next to the seed tutorial's tf.data one.
+
+    uv run python benchmarks/pipeline.py [--repeats 3] [--batches 200] [--skip_tf]
+
+Both pipelines read the same real en-fr text (Multi30k train, 29,000 pairs, from
+../shared/data/multi30k) with the same SentencePiece tokenizer, trained here on
+that text with Gemma's special ids (pad 0, eos 1, bos 2, unk 3). Every batch
+has the same number of rows (--batch_size, 32). Measured side by side in one
+run, interleaved, --repeats times; the table gives the median.
+
+  seed tf.data   the Gemma-on-MTNT Colab's pipeline, reproduced: tf.data over
+                 (src, dst) strings, tokenized one example at a time in Python
+                 via tf.numpy_function, every example longer than 25 tokens
+                 dropped, the rest padded to 25, shuffle(10k), batch, repeat,
+                 `.as_numpy_iterator()`. It runs in a throwaway virtualenv with
+                 tensorflow-cpu (--tf_venv, created on first use), as a
+                 subprocess that prints JSON: the project's env never gets
+                 TensorFlow.
+  mtnt_tpu       `pipeline.train_dataset` at max_len 128, packed and padded,
+                 with config.data.num_workers 0 and 2.
+
+Columns: examples/s after the first batch (its latency is reported apart),
+non-pad fraction (non-pad tokens / rows x row length), and the fraction of
+the epoch's examples the pipeline keeps. Before timing, a correctness pass
+walks the mtnt_tpu pipeline until every record index has been seen and checks
+every row against the record re-tokenized on its own.
+
+--profile runs cProfile over the packed num_workers=0 pipeline, in every
+thread (Grain tokenizes in its read threads), and prints where the time goes.
+
+If ../shared/data is absent the script says so and exits 0.
+"""
+
+# Only the standard library at the top: the same file runs in the tf.data venv
+# (--_seed_worker), which has TensorFlow, numpy and sentencepiece and nothing else.
+import argparse
+import collections
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA = os.path.join(REPO, '..', 'shared', 'data', 'multi30k')
+DEFAULT_TF_VENV = os.path.join(tempfile.gettempdir(), 'mtnt_tpu_tfbench')
+TF_PACKAGES = ('tensorflow-cpu', 'sentencepiece', 'numpy')
+
+PAD, EOS, BOS = 0, 1, 2
+SEED_MAX_LEN = 25  # the tutorial's max_seq_len
+SEED_SHUFFLE_BUFFER = 10_000
+VOCAB_SIZE = 8000
+PROMPT = 'Translate this into French:\n'
+
+
+# ------------------------------------------------------------- seed (tf.data)
+
+
+def seed_worker(args: argparse.Namespace) -> None:
+  """Runs in the tf venv: one measurement of the seed pipeline, JSON on stdout."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  import numpy as np
+  import sentencepiece as spm
+  import tensorflow as tf
+
+  sp = spm.SentencePieceProcessor(model_file=args.tokenizer)
+  with open(args.pairs, encoding='utf-8') as f:
+    pairs = [json.loads(line) for line in f]
+  L = args.max_len
+
+  # The tutorial's tokenizer wrapper: SentencePiece in Python, one string at a
+  # time, called from the graph through tf.numpy_function.
+  def tokenize_source(text):
+    ids = [BOS] + sp.encode(PROMPT + text.decode('utf-8') + '\n')
+    return np.asarray(ids, np.int32)
+
+  def tokenize_destination(text):
+    return np.asarray(sp.encode(text.decode('utf-8')) + [EOS], np.int32)
+
+  def tokenize(src, dst):
+    s = tf.numpy_function(tokenize_source, [src], tf.int32)
+    d = tf.numpy_function(tokenize_destination, [dst], tf.int32)
+    s.set_shape([None])
+    d.set_shape([None])
+    return s, d
+
+  def pad(x, value):
+    return tf.pad(x, [[0, tf.maximum(L - tf.shape(x)[0], 0)]], constant_values=value)
+
+  def to_training_input(src_tokens, dst_tokens):
+    tokens = tf.concat([src_tokens, dst_tokens], axis=0)
+    mask = tf.concat([tf.zeros_like(src_tokens, tf.bool), tf.ones_like(dst_tokens, tf.bool)], 0)
+    return {'input_tokens': pad(tokens, PAD), 'target_mask': pad(mask, False)}
+
+  def examples():
+    ds = tf.data.Dataset.from_tensor_slices(([p['src'] for p in pairs],
+                                             [p['dst'] for p in pairs]))
+    ds = ds.map(tokenize)
+    ds = ds.map(to_training_input)
+    return ds.filter(lambda x: tf.shape(x['input_tokens'])[0] <= L)
+
+  out = {'tensorflow': tf.__version__, 'total': len(pairs)}
+  if args.count_kept:  # one untimed pass over an epoch
+    out['kept'] = int(examples().reduce(0, lambda n, _: n + 1).numpy())
+
+  # shuffle, batch, repeat. (repeat before batch changes only the first batch's
+  # latency: tf.data then fuses shuffle+repeat and fills the 10k buffer across
+  # epochs; the steady rate is the same.)
+  ds = examples().shuffle(SEED_SHUFFLE_BUFFER)
+  ds = ds.batch(args.batch_size, drop_remainder=True).repeat()
+  t0 = time.perf_counter()
+  it = ds.as_numpy_iterator()
+  first = next(it)
+  t1 = time.perf_counter()
+  batches = [next(it) for _ in range(args.batches)]
+  t2 = time.perf_counter()
+  tokens = np.stack([b['input_tokens'] for b in batches])
+  assert tokens.shape[1:] == (args.batch_size, L), tokens.shape
+  rows = int(tokens.shape[0] * tokens.shape[1])  # every row is one example
+  out.update(first_batch_s=t1 - t0, seconds=t2 - t1, examples=rows, rows=rows, row_len=L,
+             non_pad=int((tokens != PAD).sum()), first_rows=int(first['input_tokens'].shape[0]))
+  print(json.dumps(out))
+
+
+def ensure_tf_venv(path: str) -> str:
+  """Creates the throwaway tf.data venv if missing; returns its python."""
+  python = os.path.join(path, 'bin', 'python')
+  if os.path.exists(python):
+    ok = subprocess.run([python, '-c', 'import tensorflow, sentencepiece, numpy'],
+                        capture_output=True, env=_quiet_tf_env())
+    if ok.returncode == 0:
+      return python
+  print(f'creating the tf.data venv {path} (pip install {" ".join(TF_PACKAGES)}) ...',
+        flush=True)
+  base = getattr(sys, '_base_executable', sys.executable)
+  subprocess.run([base, '-m', 'venv', '--clear', path], check=True)
+  subprocess.run([python, '-m', 'pip', 'install', '-q', *TF_PACKAGES], check=True)
+  return python
+
+
+def _quiet_tf_env() -> dict:
+  # The project venv's variables must not leak into the tf venv's interpreter.
+  env = {k: v for k, v in os.environ.items() if k not in ('VIRTUAL_ENV', 'PYTHONPATH')}
+  env['TF_CPP_MIN_LOG_LEVEL'] = '2'
+  return env
+
+
+def run_seed(python: str, work: str, args: argparse.Namespace, count_kept: bool) -> dict:
+  cmd = [python, os.path.abspath(__file__), '--_seed_worker',
+         '--pairs', os.path.join(work, 'train_pairs.jsonl'),
+         '--tokenizer', os.path.join(work, 'tokenizer.model'),
+         '--batches', str(args.batches), '--batch_size', str(args.batch_size),
+         '--max_len', str(SEED_MAX_LEN)] + (['--count_kept'] if count_kept else [])
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=_quiet_tf_env())
+  if proc.returncode != 0:
+    raise RuntimeError(f'seed tf.data worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------- setup
+
+
+def prepare_data(data_dir: str, work: str) -> str:
+  from mtnt_tpu.data import prepare
+  out = os.path.join(work, 'data')
+  inputs = {
+      'train': prepare.AlignedSource(os.path.join(data_dir, 'train.en'),
+                                     os.path.join(data_dir, 'train.fr')),
+      'valid': prepare.AlignedSource(os.path.join(data_dir, 'val.en'),
+                                     os.path.join(data_dir, 'val.fr')),
+  }
+  stats = prepare.prepare(inputs, out)
+  print(prepare.format_summary(stats, out), flush=True)
+  return out
+
+
+def train_tokenizer(pairs, path: str) -> None:
+  """SentencePiece BPE on the train text, set up like mtnt_tpu/data/sample/make.py."""
+  import sentencepiece as spm
+  sentences = [PROMPT.rstrip('\n')] * 500 + [s for p in pairs for s in (p.src, p.dst)]
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(sentences), model_prefix=path[:-len('.model')],
+      model_type='bpe', vocab_size=VOCAB_SIZE,
+      pad_id=PAD, eos_id=EOS, bos_id=BOS, unk_id=3,
+      pad_piece='<pad>', eos_piece='<eos>', bos_piece='<bos>', unk_piece='<unk>',
+      user_defined_symbols=['\n'], normalization_rule_name='identity',
+      remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
+      character_coverage=1.0, byte_fallback=True, num_threads=os.cpu_count() or 1,
+      input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2)
+
+
+def data_config(data_dir: str, *, packing: bool, num_workers: int, max_len: int):
+  from configs import common
+  c = common.get_config().data
+  c.dir = data_dir
+  c.packing = packing
+  c.num_workers = num_workers
+  c.max_len = max_len
+  return c
+
+
+# ------------------------------------------------------------- mtnt_tpu pipeline
+
+
+def measure_project(data_dir: str, tok_path: str, *, packing: bool, num_workers: int,
+                    max_len: int, batch_size: int, batches: int) -> dict:
+  import numpy as np
+  from mtnt_tpu.data import pipeline
+  cfg = data_config(data_dir, packing=packing, num_workers=num_workers, max_len=max_len)
+  ds = pipeline.train_dataset(cfg, tok_path, batch_size, pipeline.HostShard(0, 1))
+  t0 = time.perf_counter()
+  it = iter(ds)
+  next(it)
+  t1 = time.perf_counter()
+  got = [next(it) for _ in range(batches)]
+  t2 = time.perf_counter()
+  _close(it)
+  idx = np.stack([b['index'] for b in got])
+  seg = np.stack([b['segment_ids'] for b in got])
+  assert idx.shape == (batches, batch_size, max_len), idx.shape
+  examples = sum(np.unique(b[b >= 0]).size for b in idx)  # distinct records per batch
+  segments = sum(len(set(r[r > 0].tolist())) for b in seg for r in b)
+  return {'first_batch_s': t1 - t0, 'seconds': t2 - t1, 'examples': int(examples),
+          'segments': int(segments), 'rows': batches * batch_size, 'row_len': max_len,
+          'non_pad': int((seg > 0).sum())}
+
+
+def _close(it) -> None:
+  close = getattr(it, 'close', None)
+  if close is not None:
+    close()
+
+
+def check_epoch(data_dir: str, tok_path: str, *, packing: bool, num_workers: int,
+                max_len: int, batch_size: int) -> dict:
+  """Walks the pipeline past one epoch, until every record index has been seen.
+
+  Each segment must be exactly its record tokenized on its own (truncated at
+  max_len), with positions 0.. and one index in [0, records); pad must carry
+  index -1. The walk goes 5% into the second epoch, where an index that is not
+  reduced modulo the split size (Grain's map_with_index after repeat counts
+  on) would show.
+  """
+  import numpy as np
+  from mtnt_tpu import tokenizer as tokenizer_lib
+  from mtnt_tpu.data import pipeline
+  cfg = data_config(data_dir, packing=packing, num_workers=num_workers, max_len=max_len)
+  src = pipeline.source(data_dir, cfg.train_split)
+  n = len(src)
+  tok = tokenizer_lib.Tokenizer(tok_path)
+  expected = {}
+  ds = pipeline.train_dataset(cfg, tok_path, batch_size, pipeline.HostShard(0, 1))
+  it = iter(ds)
+  seen = set()
+  consumed = 0
+  seen_at_one_epoch = consumed_to_see_all = None
+  errors = collections.Counter()
+  repeats_before_all = 0
+  while (len(seen) < n or consumed < n + n // 20) and consumed < 2 * n:
+    b = next(it)
+    for r in range(batch_size):
+      sid, index = b['segment_ids'][r], b['index'][r]
+      if ((sid == 0) != (index < 0)).any():
+        errors['pad_and_index_disagree'] += 1
+      for s in np.unique(sid[sid > 0]):
+        at = np.flatnonzero(sid == s)
+        ids = np.unique(index[at])
+        if len(ids) != 1:
+          errors['segment_with_several_indices'] += 1
+          continue
+        i = int(ids[0])
+        if not 0 <= i < n:
+          errors['index_out_of_range'] += 1
+          i %= n
+        if i not in expected:
+          expected[i] = pipeline.tokenize_example(tok, i, src[i], cfg.dst_lang, max_len)
+        ex = expected[i]
+        if (len(at) != len(ex.inputs) or at[-1] - at[0] + 1 != len(at) or
+            not np.array_equal(b['inputs'][r, at], ex.inputs) or
+            not np.array_equal(b['targets'][r, at], ex.targets) or
+            not np.array_equal(b['mask'][r, at], ex.mask) or
+            not np.array_equal(b['positions'][r, at], np.arange(len(at)))):
+          errors['segment_differs_from_its_record'] += 1
+        if i in seen and len(seen) < n:
+          repeats_before_all += 1
+        seen.add(i)
+        consumed += 1
+        if len(seen) == n and consumed_to_see_all is None:
+          consumed_to_see_all = consumed
+        if consumed == n:
+          seen_at_one_epoch = len(seen)
+  _close(it)
+  lengths = np.array([len(tokenize_full(tok, src[i], cfg.dst_lang)) for i in range(n)])
+  return {'records': n, 'seen': len(seen), 'consumed_to_see_all': consumed_to_see_all,
+          'consumed': consumed,
+          'seen_after_one_epoch_of_examples': seen_at_one_epoch,
+          'repeats_before_all_seen': repeats_before_all,
+          'truncated': int((lengths - 1 > max_len).sum()), 'errors': dict(errors),
+          'lengths': lengths}
+
+
+def tokenize_full(tok, record: bytes, dst_lang: str) -> list:
+  from mtnt_tpu.data import records
+  pair = records.decode(record)
+  prompt, target = tok.encode_example(pair.src, pair.dst, dst_lang)
+  return prompt + target
+
+
+# ------------------------------------------------------------- profile
+
+
+def profile_project(data_dir: str, tok_path: str, *, max_len: int, batch_size: int,
+                    batches: int, top: int = 30) -> None:
+  """cProfile of the packed num_workers=0 pipeline: CPU time, every thread, merged.
+
+  Grain tokenizes in its read threads and batches in a prefetch thread, so a
+  profile of the main thread alone sees only waiting. Each thread gets its own
+  profiler timed by time.thread_time (CPU, not wall: a thread waiting for the
+  GIL or a queue costs nothing), and the profiles are added up.
+  """
+  import cProfile
+  import pstats
+  import threading
+  profiles = []
+  lock = threading.Lock()
+  run = threading.Thread.run
+
+  def profiled_run(self):
+    prof = cProfile.Profile(time.thread_time)
+    with lock:
+      profiles.append((self.name, prof))
+    prof.runcall(run, self)
+
+  threading.Thread.run = profiled_run
+  try:
+    main_prof = cProfile.Profile(time.thread_time)
+    t0, c0 = time.perf_counter(), time.process_time()
+    r = main_prof.runcall(measure_project, data_dir, tok_path, packing=True, num_workers=0,
+                          max_len=max_len, batch_size=batch_size, batches=batches)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+  finally:
+    threading.Thread.run = run
+  time.sleep(1)  # the pipeline's threads finish their last element and exit
+  print(f'\n## cProfile: packed {max_len}, num_workers=0, {batches} batches, '
+        f'{r["examples"]} examples: {wall:.1f}s wall, {cpu:.1f}s CPU '
+        f'({cpu / r["examples"] * 1e6:.0f} us CPU per example, profiler included)\n')
+  stats = pstats.Stats(main_prof)
+  for _, prof in profiles:
+    try:
+      stats.add(prof)
+    except TypeError:  # a thread that never ran any Python
+      pass
+  stats.sort_stats('tottime').print_stats(top)
+  stats.sort_stats('cumulative').print_stats(top)
+
+
+def stage_costs(data_dir: str, tok_path: str, *, max_len: int, batch_size: int,
+                n: int = 3000, rounds: int = 3) -> list:
+  """Wall microseconds per example of each stage, single-threaded, no profiler.
+
+  cProfile inflates cheap Python calls, so its shares are checked against this:
+  the stages of `pipeline.train_dataset` (packed, num_workers=0) rebuilt from
+  pipeline.py's own pieces, each timed cumulatively over the same n records
+  (best of `rounds`).
+  """
+  import grain
+  import numpy as np
+  from array_record.python import array_record_module
+  from mtnt_tpu import tokenizer as tokenizer_lib
+  from mtnt_tpu.data import pipeline, records
+  cfg = data_config(data_dir, packing=True, num_workers=0, max_len=max_len)
+  paths = pipeline.split_paths(data_dir, cfg.train_split)
+  src = pipeline.source(data_dir, cfg.train_split)
+  keys = np.random.default_rng(0).permutation(len(src))[:n].tolist()
+  out = []
+
+  def timed(name, fn):
+    best = float('inf')
+    for _ in range(rounds):  # the best of a few: the machine is shared and noisy
+      t = time.perf_counter()
+      fn()
+      best = min(best, time.perf_counter() - t)
+    out.append((name, best / n * 1e6))
+
+  raw = [src[i] for i in keys[:100]]  # warm the reader
+  timed('ArrayRecordDataSource[i] (reader.read([i]), as Grain reads)',
+        lambda: [src[i] for i in keys])
+  reader = array_record_module.ArrayRecordReader(paths[0], 'readahead_buffer_size:0')
+  timed('  the same record by range: reader.read(i, i + 1)',
+        lambda: [reader.read(i, i + 1) for i in keys])
+  reader.close()
+  raw = [src[i] for i in keys]
+  tok = tokenizer_lib.Tokenizer(tok_path)
+  timed('records.decode (JSON)', lambda: [records.decode(r) for r in raw])
+  pairs = [records.decode(r) for r in raw]
+  timed('Tokenizer.encode_example (SentencePiece)',
+        lambda: [tok.encode_example(p.src, p.dst, cfg.dst_lang) for p in pairs])
+  timed('tokenize_example (decode + encode + arrays)',
+        lambda: [pipeline.tokenize_example(tok, 0, r, cfg.dst_lang, max_len) for r in raw])
+
+  size = len(src)
+  ds = src.map_with_index(lambda i, r: (i % size, r))[0::1].shuffle(seed=0).repeat(None)
+  timed('A  MapDataset: index, slice, shuffle, repeat, read', lambda: [ds[i] for i in range(n)])
+  ds = ds.map(pipeline._Tokenize(tok_path, cfg.dst_lang, max_len))
+  ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k != 'truncated'})
+  timed('B  A + _Tokenize map', lambda: [ds[i] for i in range(n)])
+
+  def iterate(it, count_examples):
+    it = iter(it)
+    seen = 0
+    while seen < n:
+      seen += count_examples(next(it))
+
+  L = max_len
+
+  def packed(read_options, batched):
+    it = ds.to_iter_dataset(read_options)
+    it = grain.experimental.FirstFitPackIterDataset(
+        it, length_struct={k: L for k in ('inputs', 'targets', 'mask', 'index')},
+        num_packing_bins=batch_size, seed=0, meta_features=('targets', 'mask', 'index'))
+    it = it.map(pipeline._from_packed)
+    return it.batch(batch_size, drop_remainder=True) if batched else it
+
+  def segments(x):
+    return int((np.diff(x['segment_ids'], axis=-1, prepend=0) > 0).sum())
+
+  no_threads = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  as_pipeline = grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
+  timed('C  B as IterDataset, no read threads', lambda: iterate(
+      ds.to_iter_dataset(no_threads), lambda x: 1))
+  timed('D  B as IterDataset, ReadOptions(2 threads, 64) as pipeline.py',
+        lambda: iterate(ds.to_iter_dataset(as_pipeline), lambda x: 1))
+  timed('E  C + FirstFitPack + _from_packed', lambda: iterate(packed(no_threads, False),
+                                                              segments))
+  timed('F  E + batch', lambda: iterate(packed(no_threads, True), segments))
+  full = pipeline.train_dataset(cfg, tok_path, batch_size, pipeline.HostShard(0, 1))
+  timed('G  pipeline.train_dataset as is (threads)', lambda: iterate(full, segments))
+  return out
+
+
+# ------------------------------------------------------------- report
+
+
+def _median(xs):
+  return statistics.median(xs) if xs else float('nan')
+
+
+def summarize(name: str, runs: list, kept: float, note: str = '') -> dict:
+  eps = [r['examples'] / r['seconds'] for r in runs]
+  return {'pipeline': name, 'examples_per_s': _median(eps), 'min': min(eps), 'max': max(eps),
+          'records_per_s': _median(eps) / kept,
+          'non_pad': _median([r['non_pad'] / (r['rows'] * r['row_len']) for r in runs]),
+          'examples_per_row': _median([r['examples'] / r['rows'] for r in runs]),
+          'first_batch_s': _median([r['first_batch_s'] for r in runs]), 'kept': kept,
+          'note': note}
+
+
+def _pct(x: float) -> str:
+  return 'not checked' if x != x else f'{x:.1%}'
+
+
+def _num(x: float) -> str:
+  return 'n/a' if x != x else f'{x:,.0f}'
+
+
+def table(rows: list, base: float | None) -> str:
+  out = ['| pipeline | examples/s (median; min-max) | vs seed | non-pad fraction | '
+         'examples/row | kept per epoch | records tokenized/s | first batch (s) |',
+         '|---|---:|---:|---:|---:|---:|---:|---:|']
+  for r in rows:
+    ratio = f'{r["examples_per_s"] / base:.1f}x' if base else 'n/a'
+    out.append(f'| {r["pipeline"]} | {r["examples_per_s"]:,.0f} ({r["min"]:,.0f}-'
+               f'{r["max"]:,.0f}) | {ratio} | {r["non_pad"]:.3f} | {r["examples_per_row"]:.2f} '
+               f'| {_pct(r["kept"])}{r["note"]} | {_num(r["records_per_s"])} '
+               f'| {r["first_batch_s"]:.2f} |')
+  return '\n'.join(out)
+
+
+# ------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--repeats', type=int, default=3, help='measurements per pipeline (median)')
+  p.add_argument('--batches', type=int, default=200,
+                 help='timed batches per measurement, after the first (default %(default)s)')
+  p.add_argument('--batch_size', type=int, default=32, help='rows per batch, all pipelines')
+  p.add_argument('--max_len', type=int, default=128, help='mtnt_tpu row length')
+  p.add_argument('--skip_tf', action='store_true', help='skip the seed tf.data half')
+  p.add_argument('--tf_venv', default=DEFAULT_TF_VENV,
+                 help='venv for the tf.data half, created if missing (default %(default)s)')
+  p.add_argument('--data_dir', default=DEFAULT_DATA, help='Multi30k {train,val}.{en,fr}')
+  p.add_argument('--workers', default='0,2', help='config.data.num_workers values to time')
+  p.add_argument('--skip_check', action='store_true', help='skip the correctness pass')
+  p.add_argument('--profile', action='store_true',
+                 help='also cProfile the packed num_workers=0 pipeline')
+  p.add_argument('--json', help='also write the results here')
+  p.add_argument('--keep_workdir', action='store_true', help='keep the temp dir, print it')
+  # Internal: the tf.data half, run in the tf venv.
+  p.add_argument('--_seed_worker', action='store_true', help=argparse.SUPPRESS)
+  p.add_argument('--pairs', help=argparse.SUPPRESS)
+  p.add_argument('--tokenizer', help=argparse.SUPPRESS)
+  p.add_argument('--count_kept', action='store_true', help=argparse.SUPPRESS)
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if args._seed_worker:
+    seed_worker(args)
+    return 0
+  data_dir = os.path.abspath(args.data_dir)
+  if not all(os.path.isfile(os.path.join(data_dir, f'{split}.{lang}'))
+             for split in ('train', 'val') for lang in ('en', 'fr')):
+    print(f'benchmarks/pipeline.py: no Multi30k data at {data_dir} '
+          '(../shared/data/multi30k); nothing to benchmark.')
+    return 0
+  sys.path.insert(0, REPO)  # configs/
+  import numpy as np
+  from absl import flags
+  from mtnt_tpu.data import records
+  # Grain's mp_prefetch reads an absl flag; outside absl.app.run nothing has
+  # parsed them, and num_workers > 0 would stop with UnparsedFlagAccessError.
+  flags.FLAGS([sys.argv[0]])
+
+  tf_python = None if args.skip_tf else ensure_tf_venv(args.tf_venv)
+  work = tempfile.mkdtemp(prefix='mtnt_pipeline_bench_')
+  try:
+    prepared = prepare_data(data_dir, work)
+    pairs = records.read_all(os.path.join(prepared, 'train.array_record'))
+    tok_path = os.path.join(work, 'tokenizer.model')
+    t = time.perf_counter()
+    train_tokenizer(pairs, tok_path)
+    print(f'tokenizer: {VOCAB_SIZE} BPE pieces trained on {len(pairs)} pairs in '
+          f'{time.perf_counter() - t:.1f}s', flush=True)
+    with open(os.path.join(work, 'train_pairs.jsonl'), 'w', encoding='utf-8') as f:
+      for p in pairs:  # the seed reads the very pairs prepare wrote
+        f.write(json.dumps({'src': p.src, 'dst': p.dst}, ensure_ascii=False) + '\n')
+
+    workers = [int(w) for w in args.workers.split(',') if w.strip()]
+    configs = [(packing, w) for packing in (True, False) for w in workers]
+    checks = {}
+    if not args.skip_check:
+      for packing in (True, False):
+        t = time.perf_counter()
+        checks[packing] = check_epoch(prepared, tok_path, packing=packing, num_workers=0,
+                                      max_len=args.max_len, batch_size=args.batch_size)
+        c = checks[packing]
+        print(f'check ({"packed" if packing else "padded"}, {c["consumed"]} examples): '
+              f'{c["seen"]}/{c["records"]} records seen, all by example '
+              f'{c["consumed_to_see_all"]} ({c["seen_after_one_epoch_of_examples"]} after '
+              f'one epoch\'s worth), '
+              f'{c["truncated"]} longer than {args.max_len} tokens, errors: '
+              f'{c["errors"] or "none"} [{time.perf_counter() - t:.1f}s]', flush=True)
+      lengths = checks[True]['lengths']
+      print(f'tokens per example (prompt + target): mean {lengths.mean():.1f}, '
+            f'median {np.median(lengths):.0f}, p99 {np.percentile(lengths, 99):.0f}, '
+            f'max {lengths.max()}; <= {SEED_MAX_LEN}: {(lengths <= SEED_MAX_LEN).mean():.1%}',
+            flush=True)
+
+    seed_runs, runs = [], {c: [] for c in configs}
+    seed_info = {}
+    for rep in range(args.repeats):
+      order = configs[rep % len(configs):] + configs[:rep % len(configs)]
+      if tf_python:
+        r = run_seed(tf_python, work, args, count_kept=(rep == 0))
+        seed_info.update({k: r[k] for k in ('tensorflow', 'total', 'kept') if k in r})
+        seed_runs.append(r)
+        print(f'[{rep + 1}/{args.repeats}] seed tf.data: '
+              f'{r["examples"] / r["seconds"]:,.0f} examples/s', flush=True)
+      for packing, w in order:
+        r = measure_project(prepared, tok_path, packing=packing, num_workers=w,
+                            max_len=args.max_len, batch_size=args.batch_size,
+                            batches=args.batches)
+        runs[(packing, w)].append(r)
+        if r['segments'] != r['examples']:
+          print(f'  note: {r["segments"]} segments but {r["examples"]} distinct indices')
+        print(f'[{rep + 1}/{args.repeats}] mtnt_tpu {"packed" if packing else "padded"} '
+              f'workers={w}: {r["examples"] / r["seconds"]:,.0f} examples/s', flush=True)
+
+    rows = []
+    if seed_runs:
+      rows.append(summarize(f'seed tf.data (max {SEED_MAX_LEN}, padded, tf '
+                            f'{seed_info["tensorflow"]})', seed_runs,
+                            seed_info['kept'] / seed_info['total']))
+    for packing, w in configs:
+      check = checks.get(packing)
+      kept = check['seen'] / check['records'] if check else float('nan')
+      note = f' ({check["truncated"]} truncated)' if check and check['truncated'] else ''
+      rows.append(summarize(f'mtnt_tpu {"packed" if packing else "padded"} '
+                            f'{args.max_len}, num_workers={w}', runs[(packing, w)], kept, note))
+    base = rows[0]['examples_per_s'] if seed_runs else None
+    print(f'\n{args.batch_size} rows per batch; {args.batches} timed batches after the first; '
+          f'median of {args.repeats}; {os.cpu_count()} CPUs\n')
+    print(table(rows, base))
+    if args.json:
+      with open(args.json, 'w') as f:
+        json.dump({'args': {k: v for k, v in vars(args).items() if not k.startswith('_')},
+                   'rows': rows, 'seed_runs': seed_runs,
+                   'runs': {f'packing={p},workers={w}': v for (p, w), v in runs.items()},
+                   'checks': {str(k): {kk: vv for kk, vv in v.items() if kk != 'lengths'}
+                              for k, v in checks.items()}}, f, indent=2)
+    if args.profile:
+      print(f'\n## Stage costs, wall us per example, single-threaded unless named, '
+            f'{os.cpu_count()} CPUs\n')
+      for name, us in stage_costs(prepared, tok_path, max_len=args.max_len,
+                                  batch_size=args.batch_size):
+        print(f'{us:8.1f}  {name}')
+      profile_project(prepared, tok_path, max_len=args.max_len, batch_size=args.batch_size,
+                      batches=args.batches)
+  finally:
+    if args.keep_workdir:
+      print(f'workdir kept: {work}')
+    else:
+      shutil.rmtree(work, ignore_errors=True)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,86 @@
+"""Two JAX processes x 4 CPU devices train exactly as one process x 8 devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tests import helpers
+
+STEPS = 12
+FLAGS = (f'--config.train.num_steps={STEPS}', '--config.train.log_every=1',
+         '--config.train.eval_every=6', '--config.train.checkpoint_every=6',
+         '--config.data.num_shards=2', '--config.eval.decode_examples=0')
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def _params(workdir):
+  path = os.path.join(workdir, 'checkpoints', str(STEPS), 'state')
+  return helpers.restore_numpy(path)['params']
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('mp')
+  one = root / 'one'
+  r = helpers.run_main(one, *FLAGS)
+  assert r.returncode == 0, r.stderr[-3000:]
+  two = root / 'two'
+  port = _free_port()
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'mtnt_tpu.main', '--config', 'configs/tiny_cpu.py',
+       '--workdir', str(two), *FLAGS, '--config.runtime.cpu_devices=4',
+       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}',
+       '--distributed_timeout=60'],
+      cwd=helpers.ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  errs = [p.communicate(timeout=600)[1] for p in procs]
+  for p, err in zip(procs, errs):
+    assert p.returncode == 0, err[-3000:]
+  return one, two, errs
+
+
+def test_two_processes_match_one(runs):
+  one, two, errs = runs
+  assert 'process 1 of 2' in errs[1] and '4 local / 8 global devices' in errs[1]
+  a, b = _rows(one), _rows(two)
+  assert [r['step'] for r in a] == [r['step'] for r in b]
+  for ra, rb in zip(a, b):
+    for key in ('loss', 'eval_loss'):
+      if key in ra:
+        assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra['step'], key)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6),
+               _params(one), _params(two))
+
+
+def test_only_process_zero_writes_metrics(runs):
+  _, two, errs = runs
+  assert 'metrics.py' not in errs[1]  # process 1 logs no metric lines
+  assert len(_rows(two)) > STEPS
+
+
+def test_unreachable_coordinator_is_a_bounded_one_line_error(tmp_path):
+  r = helpers.run_main(tmp_path / 'wd', f'--coordinator_address=127.0.0.1:{_free_port()}',
+                       '--num_processes=2', '--process_id=1', '--distributed_timeout=5',
+                       timeout=120)
+  assert r.returncode != 0
+  last = r.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: the coordinator 127.0.0.1:')
+  assert 'did not answer within 5s' in last
+  assert not (tmp_path / 'wd').exists()
