@@ -19,14 +19,17 @@ run, interleaved, --repeats times; the table gives the median.
   mtnt_tpu       `pipeline.train_dataset` at max_len 128, packed and padded,
                  with config.data.num_workers 0 and 2.
 
-Columns: examples/s after the first batch (its latency is reported apart),
+Columns: examples/s (mtnt_tpu: over --batches batches after the first, whose
+latency is reported apart; seed: over whole epochs from the start, since each
+epoch's first batch waits for that epoch to be tokenized), the
 non-pad fraction (non-pad tokens / rows x row length), and the fraction of
 the epoch's examples the pipeline keeps. Before timing, a correctness pass
-walks the mtnt_tpu pipeline until every record index has been seen and checks
-every row against the record re-tokenized on its own.
+walks the mtnt_tpu pipeline 5% into its second epoch, checks that every record
+index was seen, and checks every row against its record re-tokenized on its own.
 
---profile runs cProfile over the packed num_workers=0 pipeline, in every
-thread (Grain tokenizes in its read threads), and prints where the time goes.
+--profile times each stage of the packed num_workers=0 pipeline without a
+profiler, then runs cProfile (CPU time) in every thread (Grain tokenizes in its
+read threads) and prints where the time goes.
 
 If ../shared/data is absent the script says so and exits 0.
 """
@@ -103,25 +106,35 @@ def seed_worker(args: argparse.Namespace) -> None:
     return ds.filter(lambda x: tf.shape(x['input_tokens'])[0] <= L)
 
   out = {'tensorflow': tf.__version__, 'total': len(pairs)}
-  if args.count_kept:  # one untimed pass over an epoch
-    out['kept'] = int(examples().reduce(0, lambda n, _: n + 1).numpy())
+  # One untimed pass over an epoch, unless an earlier run passed the count.
+  kept = args.kept or int(examples().reduce(0, lambda n, _: n + 1).numpy())
+  out['kept'] = kept
+  per_epoch = kept // args.batch_size
+  if per_epoch == 0:
+    raise SystemExit(f'seed: only {kept} examples of {len(pairs)} fit {L} tokens, fewer '
+                     f'than one batch of {args.batch_size}')
 
   # shuffle, batch, repeat. (repeat before batch changes only the first batch's
   # latency: tf.data then fuses shuffle+repeat and fills the 10k buffer across
   # epochs; the steady rate is the same.)
   ds = examples().shuffle(SEED_SHUFFLE_BUFFER)
   ds = ds.batch(args.batch_size, drop_remainder=True).repeat()
+  # Its work is not spread evenly over batches: each epoch's first batch waits
+  # for the whole epoch to be tokenized (the shuffle buffer holds more than the
+  # kept examples), the rest of that epoch comes from the buffer. So it is
+  # timed over whole epochs, first batch included, at least --batches batches.
+  epochs = -(-args.batches // per_epoch)
   t0 = time.perf_counter()
   it = ds.as_numpy_iterator()
-  first = next(it)
+  batches = [next(it)]
   t1 = time.perf_counter()
-  batches = [next(it) for _ in range(args.batches)]
+  batches += [next(it) for _ in range(epochs * per_epoch - 1)]
   t2 = time.perf_counter()
   tokens = np.stack([b['input_tokens'] for b in batches])
   assert tokens.shape[1:] == (args.batch_size, L), tokens.shape
   rows = int(tokens.shape[0] * tokens.shape[1])  # every row is one example
-  out.update(first_batch_s=t1 - t0, seconds=t2 - t1, examples=rows, rows=rows, row_len=L,
-             non_pad=int((tokens != PAD).sum()), first_rows=int(first['input_tokens'].shape[0]))
+  out.update(first_batch_s=t1 - t0, seconds=t2 - t0, examples=rows, rows=rows, row_len=L,
+             non_pad=int((tokens != PAD).sum()), epochs=epochs, batches=len(batches))
   print(json.dumps(out))
 
 
@@ -148,12 +161,12 @@ def _quiet_tf_env() -> dict:
   return env
 
 
-def run_seed(python: str, work: str, args: argparse.Namespace, count_kept: bool) -> dict:
+def run_seed(python: str, work: str, args: argparse.Namespace, kept: int | None) -> dict:
   cmd = [python, os.path.abspath(__file__), '--_seed_worker',
          '--pairs', os.path.join(work, 'train_pairs.jsonl'),
          '--tokenizer', os.path.join(work, 'tokenizer.model'),
          '--batches', str(args.batches), '--batch_size', str(args.batch_size),
-         '--max_len', str(SEED_MAX_LEN)] + (['--count_kept'] if count_kept else [])
+         '--max_len', str(SEED_MAX_LEN)] + (['--kept', str(kept)] if kept else [])
   proc = subprocess.run(cmd, capture_output=True, text=True, env=_quiet_tf_env())
   if proc.returncode != 0:
     raise RuntimeError(f'seed tf.data worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}')
@@ -486,7 +499,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--repeats', type=int, default=3, help='measurements per pipeline (median)')
   p.add_argument('--batches', type=int, default=200,
-                 help='timed batches per measurement, after the first (default %(default)s)')
+                 help='timed batches per measurement, after the first; the seed rounds up to '
+                 'whole epochs (default %(default)s)')
   p.add_argument('--batch_size', type=int, default=32, help='rows per batch, all pipelines')
   p.add_argument('--max_len', type=int, default=128, help='mtnt_tpu row length')
   p.add_argument('--skip_tf', action='store_true', help='skip the seed tf.data half')
@@ -503,7 +517,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--_seed_worker', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--pairs', help=argparse.SUPPRESS)
   p.add_argument('--tokenizer', help=argparse.SUPPRESS)
-  p.add_argument('--count_kept', action='store_true', help=argparse.SUPPRESS)
+  p.add_argument('--kept', type=int, help=argparse.SUPPRESS)
   return p.parse_args(argv)
 
 
@@ -566,11 +580,12 @@ def main(argv=None) -> int:
     for rep in range(args.repeats):
       order = configs[rep % len(configs):] + configs[:rep % len(configs)]
       if tf_python:
-        r = run_seed(tf_python, work, args, count_kept=(rep == 0))
+        r = run_seed(tf_python, work, args, seed_info.get('kept'))
         seed_info.update({k: r[k] for k in ('tensorflow', 'total', 'kept') if k in r})
         seed_runs.append(r)
         print(f'[{rep + 1}/{args.repeats}] seed tf.data: '
-              f'{r["examples"] / r["seconds"]:,.0f} examples/s', flush=True)
+              f'{r["examples"] / r["seconds"]:,.0f} examples/s ({r["batches"]} batches, '
+              f'{r["epochs"]} epochs)', flush=True)
       for packing, w in order:
         r = measure_project(prepared, tok_path, packing=packing, num_workers=w,
                             max_len=args.max_len, batch_size=args.batch_size,
@@ -593,8 +608,10 @@ def main(argv=None) -> int:
       rows.append(summarize(f'mtnt_tpu {"packed" if packing else "padded"} '
                             f'{args.max_len}, num_workers={w}', runs[(packing, w)], kept, note))
     base = rows[0]['examples_per_s'] if seed_runs else None
-    print(f'\n{args.batch_size} rows per batch; {args.batches} timed batches after the first; '
-          f'median of {args.repeats}; {os.cpu_count()} CPUs\n')
+    seed_note = (f'; seed: {seed_runs[0]["batches"]} batches = {seed_runs[0]["epochs"]} whole '
+                 'epochs, first included' if seed_runs else '')
+    print(f'\n{args.batch_size} rows per batch; mtnt_tpu: {args.batches} timed batches after the '
+          f'first{seed_note}; median of {args.repeats}; {os.cpu_count()} CPUs\n')
     print(table(rows, base))
     if args.json:
       with open(args.json, 'w') as f:

@@ -289,6 +289,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                dict(run.mesh.shape), run.mesh.size, jax.process_count(),
                sharding.describe(run.abstract_state.params, run.state_shardings.params))
   cache = runtime.enable_compilation_cache(c.runtime.compilation_cache, workdir)
+  lengths = pipeline.length_report(c.data, run.tokenizer, c.model.chat_template)
+  logging.info('%s', lengths.describe(c.data.max_len, c.data.overlong))
 
   ckpts = checkpoint_lib.Checkpoints(workdir, c.train.keep_checkpoints,
                                      c.eval.best_metric, c.eval.best_mode)

@@ -150,3 +150,36 @@ def test_eval_batches_cover_the_split_once_on_any_host_count():
 def test_missing_split_names_prepare():
   with pytest.raises(FileNotFoundError, match='python -m mtnt_tpu.prepare'):
     pipeline.split_paths(os.path.dirname(__file__), 'train')
+
+
+def test_length_report_counts_overlong_examples():
+  cfg = helpers.tiny_config(**{'data.max_len': 30})
+  tok = tokenizer_lib.Tokenizer(cfg.tokenizer.path)
+  report = pipeline.length_report(cfg.data, tok)
+  src = pipeline.source(cfg.data.dir, 'train')
+  lengths = [len(pipeline.tokenize_example(tok, i, src[i], 'French', 10_000).inputs)
+             for i in range(len(src))]
+  assert report.total == report.scanned == len(src)
+  assert report.overlong == sum(n > 30 for n in lengths) > 0
+  assert report.max_tokens == max(lengths)
+  assert 'exceed max_len=30 and are truncated' in report.describe(30, 'truncate')
+
+
+def test_pack_rows_places_every_example_once_without_overflow():
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(5, 60, size=300)
+  examples = [{'inputs': np.full(n, i, np.int32), 'targets': np.full(n, i, np.int32),
+               'mask': np.ones(n, np.int32), 'index': np.full(n, i, np.int32)}
+              for i, n in enumerate(lengths)]
+  rows = pipeline.pack_rows(examples, 64)
+  seen = collections.Counter()
+  for row in rows:
+    assert row['inputs'].shape == (64,)
+    for s in set(row['segment_ids'].tolist()) - {0}:
+      where = row['segment_ids'] == s
+      (i,) = set(row['index'][where].tolist())
+      assert where.sum() == lengths[i]
+      np.testing.assert_array_equal(row['positions'][where], np.arange(lengths[i]))
+      seen[i] += 1
+  assert sorted(seen) == list(range(300)) and set(seen.values()) == {1}
+  assert sum(lengths) / (64 * len(rows)) > 0.95  # first-fit decreasing packs tight

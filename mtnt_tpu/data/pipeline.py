@@ -104,13 +104,6 @@ def _pad_row(ex: dict, max_len: int) -> dict:
           'segment_ids': pad(np.ones(n, np.int32)), 'index': pad(ex['index'], -1)}
 
 
-def _from_packed(row: dict) -> dict:
-  seg = row['inputs_segment_ids']
-  return {'inputs': row['inputs'], 'targets': row['targets'], 'mask': row['mask'],
-          'positions': row['inputs_positions'], 'segment_ids': seg,
-          'index': np.where(seg > 0, row['index'], -1).astype(np.int32)}
-
-
 @dataclasses.dataclass(frozen=True)
 class HostShard:
   """Which slice of the global batch this process feeds."""
@@ -131,10 +124,70 @@ def num_data_shards(data_cfg, shard: HostShard) -> int:
   return k
 
 
+# Examples packed together: first-fit decreasing over a window of this many
+# shuffled examples. A larger window packs tighter (~0.96 non-pad at 128 tokens
+# on en-fr text, against ~0.93 for Grain's streaming first-fit) and costs one
+# window's tokenization before the first batch.
+PACK_WINDOW = 1024
+
+
+def pack_rows(examples: list[dict], max_len: int) -> list[dict]:
+  """First-fit decreasing: unpadded examples -> rows of exactly max_len tokens.
+
+  Each row carries segment ids 1, 2, ... per example (0 = padding) and
+  per-example positions, so attention and RoPE never cross examples.
+  """
+  order = sorted(range(len(examples)), key=lambda i: -len(examples[i]['inputs']))
+  free = np.full(len(examples), max_len, np.int64)  # free tokens per open row
+  rows: list[list[int]] = []
+  for i in order:
+    n = len(examples[i]['inputs'])
+    fits = np.nonzero(free[:len(rows)] >= n)[0]
+    r = int(fits[0]) if len(fits) else len(rows)
+    if r == len(rows):
+      rows.append([])
+    rows[r].append(i)
+    free[r] -= n
+  # Rows in order of their first example in the window, so the stream keeps
+  # the shuffle's order as far as packing allows.
+  rows.sort(key=min)
+  out = []
+  for members in rows:
+    members.sort()
+    parts = [examples[i] for i in members]
+    cat = lambda k: np.concatenate([p[k] for p in parts])
+    n = sum(len(p['inputs']) for p in parts)
+    pad = lambda x, v=0: np.pad(x, (0, max_len - n), constant_values=v)
+    out.append({
+        'inputs': pad(cat('inputs')), 'targets': pad(cat('targets')), 'mask': pad(cat('mask')),
+        'positions': pad(np.concatenate([np.arange(len(p['inputs']), dtype=np.int32)
+                                         for p in parts])),
+        'segment_ids': pad(np.concatenate([np.full(len(p['inputs']), j + 1, np.int32)
+                                           for j, p in enumerate(parts)])),
+        'index': pad(cat('index'), -1)})
+  return out
+
+
+class _PackWindow(grain.experimental.FlatMapTransform):
+  """A window of tokenized examples -> its packed (or padded) rows."""
+
+  def __init__(self, max_len: int, packing: bool, drop_overlong: bool, window: int):
+    self.max_len, self.packing, self.drop_overlong = max_len, packing, drop_overlong
+    self.max_fan_out = window  # at worst one example per row
+
+  def flat_map(self, window):
+    examples = [ex for ex in window if not (self.drop_overlong and ex['truncated'])]
+    if self.packing:
+      return pack_rows(examples, self.max_len)
+    return [_pad_row(ex, self.max_len) for ex in examples]
+
+
 def _shard_stream(data_cfg, tokenizer_path: str, rows: int, k: int,
                   num_shards: int, chat_template: bool = False) -> grain.IterDataset:
   """Data shard k of K: its records, shuffled per epoch, packed into `rows` rows."""
   L = data_cfg.max_len
+  if data_cfg.overlong not in ('truncate', 'drop'):
+    raise ValueError(f"config.data.overlong={data_cfg.overlong!r}: use 'truncate' or 'drop'")
   seed = (data_cfg.shuffle_seed * 1_000_003 + k) % 2**32
   ds = source(data_cfg.dir, data_cfg.train_split)
   n = len(ds)
@@ -143,21 +196,14 @@ def _shard_stream(data_cfg, tokenizer_path: str, rows: int, k: int,
   ds = ds[k::num_shards]
   ds = ds.shuffle(seed=seed).repeat(None)
   ds = ds.map(_Tokenize(tokenizer_path, data_cfg.dst_lang, L, chat_template))
-  if data_cfg.overlong == 'drop':
-    ds = ds.filter(lambda ex: not ex['truncated'])
-  elif data_cfg.overlong != 'truncate':
-    raise ValueError(f"config.data.overlong={data_cfg.overlong!r}: use 'truncate' or 'drop'")
-  ds = ds.map(lambda ex: {k: v for k, v in ex.items() if k != 'truncated'})
-  # A short read-ahead: Grain's default (500 elements, 16 threads) costs more
-  # in bookkeeping than tokenizing a sentence does.
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=64))
-  if data_cfg.packing:
-    it = grain.experimental.FirstFitPackIterDataset(
-        it, length_struct={k: L for k in ('inputs', 'targets', 'mask', 'index')},
-        num_packing_bins=rows, seed=seed, meta_features=('targets', 'mask', 'index'))
-    it = it.map(_from_packed)
-  else:
-    it = it.map(lambda ex: _pad_row(ex, L))
+  # Windows of consecutive shuffled examples; a window may span two epochs.
+  ds = ds.batch(PACK_WINDOW, batch_fn=list)
+  # One thread builds the next window while this one is consumed; Grain's
+  # default read-ahead (16 threads, 500 elements) would tokenize half a
+  # million examples ahead.
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+  it = grain.experimental.FlatMapIterDataset(
+      it, _PackWindow(L, data_cfg.packing, data_cfg.overlong == 'drop', PACK_WINDOW))
   return it.batch(rows, drop_remainder=True)
 
 
@@ -214,6 +260,37 @@ def eval_batches(data_cfg, tok: tokenizer_lib.Tokenizer, local_batch: int,
   for b in range(num_batches):
     chunk = rows[b * local_batch:(b + 1) * local_batch]
     yield {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthReport:
+  """How the split's examples fit rows of max_len tokens (from a scan)."""
+  scanned: int
+  total: int
+  overlong: int  # longer than max_len: truncated or dropped, by config.data.overlong
+  mean_tokens: float
+  max_tokens: int
+
+  def describe(self, max_len: int, overlong: str) -> str:
+    sample = '' if self.scanned == self.total else f' (first {self.scanned} scanned)'
+    return (f'{self.total} train examples{sample}: mean {self.mean_tokens:.1f} tokens, '
+            f'max {self.max_tokens}; {self.overlong} ({100 * self.overlong / self.scanned:.2f}%) '
+            f'exceed max_len={max_len} and are {overlong}d')
+
+
+def length_report(data_cfg, tok: tokenizer_lib.Tokenizer, chat_template: bool = False,
+                  limit: int = 100_000) -> LengthReport:
+  """Tokenizes up to `limit` train examples, so a run says up front what it
+  truncates or drops instead of doing it silently."""
+  src = source(data_cfg.dir, data_cfg.train_split)
+  n = min(len(src), limit)
+  lengths = np.empty(n, np.int64)
+  for i in range(n):
+    pair = records.decode(src[i])
+    prompt, target = tok.encode_example(pair.src, pair.dst, data_cfg.dst_lang, chat_template)
+    lengths[i] = len(prompt) + len(target) - 1  # tokens the example occupies in a row
+  return LengthReport(scanned=n, total=len(src), overlong=int(np.sum(lengths > data_cfg.max_len)),
+                      mean_tokens=float(lengths.mean()), max_tokens=int(lengths.max()))
 
 
 def to_global(local_batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
