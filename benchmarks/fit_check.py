@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS_MD = os.path.join(REPO, 'BENCHMARKS.md')
@@ -102,11 +104,15 @@ def aot_command(row: Row, batch: int, json_path: str) -> list[str]:
           '--json', json_path]
 
 
-def run_aot(row: Row, batch: int, out_dir: str, timeout_s: int) -> Compile:
+def run_aot(row: Row, batch: int, out_dir: str, timeout_s: int,
+            may_compile: Callable[[], bool]) -> Compile | None:
+  """One fit check, or its logged result from an earlier run; None if neither may be had."""
   stem = os.path.join(out_dir, f'{row.key}-b{batch}')
   cmd = aot_command(row, batch, stem + '.json')
   rc = _logged_rc(stem + '.log', cmd)
   seconds = 0.0
+  if rc is None and not may_compile():
+    return None
   if rc is None:  # not compiled by an earlier run of this script
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
     t0 = time.perf_counter()
@@ -177,16 +183,22 @@ def next_batch(done: list[Compile], divisor: int, limit: float) -> int | None:
 
 
 def search(row: Row, base_batch: int, out_dir: str, max_compiles: int | None, timeout_s: int,
-           deadline: float) -> Result:
+           may_compile: Callable[[], bool]) -> Result | None:
   divisor = DEVICES[row.topology]
   limit = TARGET_FRACTION * 32 * GIB  # v4: 32 GiB per chip
   cap = max_compiles or row.compiles
-  done = [run_aot(row, base_batch, out_dir, timeout_s)]
-  while len(done) < cap and time.time() < deadline:
+  base = run_aot(row, base_batch, out_dir, timeout_s, may_compile)
+  if base is None:
+    return None
+  done = [base]
+  while len(done) < cap:
     batch = next_batch(done, divisor, limit)
     if batch is None or any(c.batch == batch for c in done):
       break
-    done.append(run_aot(row, batch, out_dir, timeout_s))
+    c = run_aot(row, batch, out_dir, timeout_s, may_compile)
+    if c is None:
+      break
+    done.append(c)
   fits = [c.batch for c in done if c.fits]
   largest = max(fits) if fits else None
   closed = (largest is not None and any(not c.fits and c.batch == largest + divisor
@@ -200,8 +212,9 @@ def _table(results: list[Result], base_batch: int, max_compiles: int | None, arg
   lines = [
       '## Fit check: Gemma full fine-tuning on TPU v4 (compiled ahead of time on a CPU)',
       '',
-      f'`{argv}` ran `python -m mtnt_tpu.aot` (the real train step compiled by libtpu for the '
-      'topology, no TPU needed) for each row: configs/v4_8.py (AdamW, fp32 master weights and '
+      f'`{argv}` ran `python -m mtnt_tpu.aot` (the real train step compiled by libtpu '
+      f'{_version("libtpu")} with jax {_version("jax")} for the topology, on the 2-vCPU '
+      'development machine, no TPU) for each row: configs/v4_8.py (AdamW, fp32 master weights and '
       'optimizer state, bf16 compute, the whole slice in `fsdp`), random weights, '
       f'max_len {MAX_LEN}. Per-chip memory is XLA\'s buffer assignment (arguments + outputs '
       '- donated aliases + temporaries + code) against 32 GiB HBM per v4 chip, at the base '
@@ -210,8 +223,11 @@ def _table(results: list[Result], base_batch: int, max_compiles: int | None, arg
       'the memory of the compiles so far), in multiples of the batch divisor (the chip '
       'count); `>=` marks a row whose search stopped before the next multiple was seen to '
       'fail. FLOPs per token are XLA\'s count for the compiled step at the base batch, all '
-      'chips; 6 x params would be 15.0e9 for Gemma 2B and 51.2e9 for Gemma 7B. Reproduce a '
-      'row with its command; append `--config.train.batch_size=N` for another batch.',
+      'chips; 6 x params would be 15.0e9 for Gemma 2B and 51.2e9 for Gemma 7B. XLA counts a '
+      'loop body once, so where the compiler turns matmuls into loops over shards '
+      '(collective matmuls: the hundreds of collective-permutes on v4-32) the count falls '
+      'below 6 x params. Reproduce a row with its command; append '
+      '`--config.train.batch_size=N` for another batch.',
       '',
       '| topology | model | remat | compute dtype | GiB/chip at base batch | largest global '
       'batch that fits (tokens) | compiled FLOPs/token | command |',
@@ -222,7 +238,8 @@ def _table(results: list[Result], base_batch: int, max_compiles: int | None, arg
     if b.total is not None:
       gib = f'{b.total / GIB:.2f}' + ('' if b.fits else ' (does not fit)')
     else:
-      gib = 'compiler out of HBM'
+      needed = re.search(r'HLO temporaries \(([\d.]+G)\)', b.report.get('error', ''))
+      gib = f'out of HBM{f" (temporaries alone {needed.group(1)})" if needed else ""}'
     if r.largest is None:
       largest = 'none' if r.closed else f'none found ({r.compiles} compiles)'
     else:
@@ -234,6 +251,13 @@ def _table(results: list[Result], base_batch: int, max_compiles: int | None, arg
     lines.append(f'| {r.row.topology} | {r.row.model} | {r.row.remat} | bfloat16 | {gib} | '
                  f'{largest} | {flops} | `{cmd}` |')
   return '\n'.join(lines) + '\n'
+
+
+def _version(package: str) -> str:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return '(not installed)'
 
 
 def write_section(section: str) -> None:
@@ -264,7 +288,9 @@ def main() -> int:
   p.add_argument('--jobs', type=int, default=2, help='rows compiled at once')
   p.add_argument('--timeout_s', type=int, default=1800, help='per compile')
   p.add_argument('--deadline_min', type=float, default=55,
-                 help='start no compile after this many minutes; later rows are left out')
+                 help='start no compile after this many minutes (logged ones are still used)')
+  p.add_argument('--no_compile', action='store_true',
+                 help='rebuild the table from the compiles logged in --out_dir only')
   p.add_argument('--out_dir', default='/tmp/mtnt_fit_check')
   p.add_argument('--no_write', action='store_true', help='print the table, leave BENCHMARKS.md')
   args = p.parse_args()
@@ -274,19 +300,21 @@ def main() -> int:
     print(f'error: unknown rows {unknown}; known: {", ".join(by_key)}', file=sys.stderr)
     return 2
   os.makedirs(args.out_dir, exist_ok=True)
-  argv = shlex.join(['python', 'benchmarks/fit_check.py', *sys.argv[1:]])
+  argv = shlex.join(['python', 'benchmarks/fit_check.py',
+                     *(a for a in sys.argv[1:] if a != '--no_compile')])
   deadline = time.time() + 60 * args.deadline_min
+  may_compile = lambda: not args.no_compile and time.time() < deadline
   keys = args.rows.split(',')
   results: dict[str, Result] = {}
   lock = threading.Lock()
 
   def one(key: str) -> None:
-    if time.time() > deadline:
-      print(f'{key}: not run, past --deadline_min', flush=True)
-      return
     print(f'{key}: started', flush=True)
     result = search(by_key[key], args.base_batch, args.out_dir, args.max_compiles,
-                    args.timeout_s, deadline)
+                    args.timeout_s, may_compile)
+    if result is None:
+      print(f'{key}: not run (past --deadline_min or --no_compile)', flush=True)
+      return
     with lock:  # rows finish out of order; the table keeps priority order
       results[key] = result
       section = _table([results[k] for k in keys if k in results], args.base_batch,
@@ -302,7 +330,7 @@ def main() -> int:
                argv))
   missing = [k for k in keys if k not in results]
   if missing:
-    print(f'not run before the deadline: {", ".join(missing)}')
+    print(f'not run: {", ".join(missing)}')
   return 0
 
 

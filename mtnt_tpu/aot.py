@@ -314,8 +314,8 @@ def format_report(r: FitReport) -> str:
       f'{"fits" if r.fits else "DOES NOT FIT"}',
       f'  FLOPs per step: {r.flops_per_step:.3e} compiled vs 6*N*T {r.flops_6nt:.3e} '
       f'(x{r.flops_per_step / r.flops_6nt:.2f}); {r.flops_per_step / r.tokens:.3e} per token'
-      + ('; a loop body counts once, so accumulation undercounts'
-         if r.grad_accum_steps > 1 else ''),
+      + ('; XLA counts a loop body once (gradient accumulation, matmuls looped over '
+         'shards), so this is low' if r.flops_per_step < 0.95 * r.flops_6nt else ''),
       '  collectives per device (static count in the HLO):',
   ]
   for op, col in r.collectives.items():

@@ -54,7 +54,8 @@ def make_mesh(data: int, fsdp: int, devices: Sequence[jax.Device] | None = None,
     # Real multislice: keep each slice's devices together on the inner axes.
     grid = mesh_utils.create_hybrid_device_mesh(
         (1, sizes['data'], sizes['fsdp']), (dcn_data, 1, 1), devices)
-  elif dcn_data > 1 and len(slices) > 1:
+  elif len(slices) > 1:
+    # Otherwise fsdp's all-gathers would cross the slow network between slices.
     raise ValueError(f'config.mesh.dcn_data={dcn_data} but the devices span '
                      f'{len(slices)} slices; set it to {len(slices)}')
   else:

@@ -272,11 +272,13 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
             '`gcloud auth application-default login`' if '://' in workdir
             else 'choose a --workdir you can write')
     raise ConfigError(f'cannot use workdir {workdir} ({type(e).__name__}: {e}); {hint}') from e
-  old_variant = (old or {}).get('model', {}).get('variant', config.model.variant)
-  if old_variant != config.model.variant:
-    raise ConfigError(
-        f'workdir {workdir} holds a {old_variant} run, this config trains '
-        f'{config.model.variant}; use a new --workdir')
+  # What the checkpoints' tree depends on: another value could never restore.
+  for section, field in (('model', 'variant'), ('lora', 'rank'), ('lora', 'targets')):
+    was = (old or {}).get(section, {}).get(field, config[section][field])
+    if was != config[section][field]:
+      raise ConfigError(
+          f'workdir {workdir} holds a run with config.{section}.{field}={was!r}, this config '
+          f'has {config[section][field]!r}; use a new --workdir (or the old value)')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

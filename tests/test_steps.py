@@ -67,7 +67,7 @@ def _one_step(config, batch, devices):
                     devices)
   state = train.init_state(run, jax.random.key(0))
   train_step, _, _ = train.compile_steps(run)
-  state, m = train_step(state, pipeline.to_global(batch, run.batch_sharding))
+  state, m = train_step(state, pipeline.to_global(batch, run.batch_sharding), {})
   return helpers.host(state.params), helpers.host(m)
 
 
@@ -108,6 +108,6 @@ def test_bf16_compute_keeps_fp32_master_weights(batch):
   state = train.init_state(run, jax.random.key(0))
   train_step, _, _ = train.compile_steps(run)
   g = {k: pipeline.to_global(batch, run.batch_sharding)[k] for k in pipeline.MODEL_KEYS}
-  state, m = train_step(state, g)
+  state, m = train_step(state, g, {})
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
   assert np.isfinite(float(m['loss']))

@@ -71,6 +71,10 @@ def test_bad_input_stops_before_touching_the_workdir(tmp_path, trained):
   assert r.returncode != 0
   assert r.stderr.strip().splitlines()[-1].startswith("error: config.model.variant='gemma_3b'")
   assert sorted(os.listdir(workdir / 'checkpoints')) == before
+  r = helpers.run_main(workdir, '--config.lora.rank=4')
+  assert r.returncode != 0
+  assert 'holds a run with config.lora.rank=0' in r.stderr.strip().splitlines()[-1]
+  assert sorted(os.listdir(workdir / 'checkpoints')) == before
   fresh = tmp_path / 'never'
   r = helpers.run_main(fresh, '--config.train.batch_size=12')
   assert r.returncode != 0 and not fresh.exists()
