@@ -182,10 +182,12 @@ class FitReport:
   max_len: int
   grad_accum_steps: int
   mesh: dict[str, int]
-  params: int
+  params: int  # the whole model's
+  trained_params: int  # LoRA: the adapters only
+  lora_rank: int
   memory: Memory
   flops_per_step: float  # compiled, all devices
-  flops_6nt: float  # 6 x params x tokens
+  flops_6nt: float  # 6 x params x tokens (4 x with LoRA: no frozen-weight gradients)
   collectives: dict[str, Collective]
   compile_s: float
 
@@ -266,7 +268,8 @@ def fit_check(config: ml_collections.ConfigDict, topo: Topology,
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  params = sum(math.prod(p.shape) for p in jax.tree.leaves(run.abstract_state.params))
+  params = sum(math.prod(p.shape) for p in jax.tree.leaves(run.abstract_params))
+  trained = sum(math.prod(p.shape) for p in jax.tree.leaves(run.abstract_state.params))
   c = config
   return FitReport(
       topology=topo.name, libtpu_topology=topo.libtpu_name, num_slices=topo.num_slices,
@@ -276,13 +279,14 @@ def fit_check(config: ml_collections.ConfigDict, topo: Topology,
       optimizer=c.optim.name, batch_size=c.train.batch_size, max_len=c.data.max_len,
       grad_accum_steps=c.optim.grad_accum_steps,
       mesh={k: int(v) for k, v in run.mesh.shape.items()}, params=params,
+      trained_params=trained, lora_rank=int(c.lora.rank),
       memory=Memory(arguments=mem.argument_size_in_bytes, outputs=mem.output_size_in_bytes,
                     temporaries=mem.temp_size_in_bytes,
                     generated_code=mem.generated_code_size_in_bytes,
                     aliased=mem.alias_size_in_bytes),
       # cost_analysis describes one device's partitioned program.
       flops_per_step=float(cost.get('flops', 0.0)) * run.mesh.size,
-      flops_6nt=6.0 * params * c.train.batch_size * c.data.max_len,
+      flops_6nt=(4.0 if run.lora else 6.0) * params * c.train.batch_size * c.data.max_len,
       collectives=collectives(compiled.as_text()), compile_s=compile_s)
 
 
@@ -302,7 +306,8 @@ def format_report(r: FitReport) -> str:
       f'  config: batch {r.batch_size} x max_len {r.max_len} = {r.tokens} tokens, '
       f'remat={r.remat}, compute_dtype={r.compute_dtype}, param_dtype={r.param_dtype}, '
       f'optimizer={r.optimizer}, grad_accum_steps={r.grad_accum_steps}, mesh={r.mesh}',
-      f'  params: {r.params:,}',
+      f'  params: {r.params:,}' + (f' ({r.trained_params:,} trained: LoRA rank {r.lora_rank})'
+                                   if r.lora_rank else ''),
       '  memory per chip:',
       f'    arguments       {_size(m.arguments)}   (state and batch)',
       f'    outputs         {_size(m.outputs)}',
@@ -312,7 +317,8 @@ def format_report(r: FitReport) -> str:
       f'    total           {_size(m.total)}   of {r.hbm_gib_per_chip:g} GiB HBM '
       f'({100 * m.total / (r.hbm_gib_per_chip * GIB):.0f}%): '
       f'{"fits" if r.fits else "DOES NOT FIT"}',
-      f'  FLOPs per step: {r.flops_per_step:.3e} compiled vs 6*N*T {r.flops_6nt:.3e} '
+      f'  FLOPs per step: {r.flops_per_step:.3e} compiled vs {4 if r.lora_rank else 6}*N*T '
+      f'{r.flops_6nt:.3e} '
       f'(x{r.flops_per_step / r.flops_6nt:.2f}); {r.flops_per_step / r.tokens:.3e} per token'
       + ('; XLA counts a loop body once (gradient accumulation, matmuls looped over '
          'shards), so this is low' if r.flops_per_step < 0.95 * r.flops_6nt else ''),
