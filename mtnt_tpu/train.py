@@ -135,12 +135,8 @@ def _build(config, devices, vocab_size) -> Run:
   model = lora_lib.LoraModel(plain, spec) if spec else plain
   optimizer, schedule = optim.make(c.optim, c.train.num_steps)
 
-  def init_state(rng):
-    params, _ = _init_params(model, spec, rng, c)
-    return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                            opt_state=optimizer.init(params))
-
-  abstract = jax.eval_shape(init_state, jax.random.key(0))
+  abstract = jax.eval_shape(
+      functools.partial(_fresh_state, model, spec, optimizer, c), jax.random.key(0))
   shardings = sharding.tree_shardings(abstract, mesh)
   abstract_params = model_lib.abstract_params(
       plain, c.lora.base_dtype if spec else c.model.param_dtype)
@@ -159,6 +155,12 @@ def _build(config, devices, vocab_size) -> Run:
       frozen_shardings=params_shardings if spec else {})
 
 
+def _fresh_state(model, spec, optimizer, c, rng) -> steps.TrainState:
+  params, _ = _init_params(model, spec, rng, c)
+  return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params))
+
+
 def _init_params(model, spec, rng, c) -> tuple[dict, dict]:
   """(trained params, frozen base): all params and {}, or LoRA adapters and base."""
   params = model_lib.init_params(model, rng, c.model.param_dtype)
@@ -170,10 +172,7 @@ def _init_params(model, spec, rng, c) -> tuple[dict, dict]:
 
 def init_state(run: Run, rng: jax.Array) -> steps.TrainState:
   """Random init, computed sharded: no array is ever whole on one device."""
-  def f(rng):
-    params, _ = _init_params(run.model, run.lora, rng, run.config)
-    return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                            opt_state=run.optimizer.init(params))
+  f = functools.partial(_fresh_state, run.model, run.lora, run.optimizer, run.config)
   return jax.jit(f, out_shardings=run.state_shardings)(rng)
 
 
