@@ -21,6 +21,7 @@ import time
 from typing import Sequence
 
 from absl import logging
+from etils import epath
 import jax
 import jax.numpy as jnp
 from sacrebleu.metrics import BLEU, CHRF
@@ -111,15 +112,15 @@ def eval_pairs(data_cfg, num_examples: int) -> list[records.Pair]:
 
 
 def write_samples(path: str, samples: Sequence[Sample]) -> None:
-  """`source: ...`, `reference: ...`, `hypothesis: ...` and a blank line, per sample."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + '.tmp'
-  with open(tmp, 'w', encoding='utf-8') as f:
-    for s in samples:
-      for field in SAMPLE_FIELDS:
-        f.write(f'{field}: {_one_line(getattr(s, field))}\n')
-      f.write('\n')
-  os.replace(tmp, path)
+  """`source: ...`, `reference: ...`, `hypothesis: ...` and a blank line, per sample.
+
+  Through epath, so a gs:// workdir works too.
+  """
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(''.join(
+      ''.join(f'{field}: {_one_line(getattr(s, field))}\n' for field in SAMPLE_FIELDS) + '\n'
+      for s in samples))
 
 
 def read_samples(path: str) -> list[Sample]:
