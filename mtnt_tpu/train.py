@@ -208,13 +208,17 @@ def frozen_base(run: Run) -> dict:
   return jax.jit(f, out_shardings=run.frozen_shardings)(jax.random.key(run.config.train.seed))
 
 
-def inference_params(run: Run, params, frozen):
-  """Plain Gemma weights for eval, decoding and export (LoRA adapters folded in)."""
+def inference_fn(run: Run):
+  """(trained params, frozen) -> plain Gemma weights for eval, decoding and export.
+
+  With LoRA the adapters are folded in; built once per run, so every eval
+  reuses one compiled fold.
+  """
   if not run.lora:
-    return params
-  fold = lambda base, adapters: lora_lib.fold(base, adapters, run.lora,
+    return lambda params, frozen: params
+  fold = lambda params, frozen: lora_lib.fold(frozen, params, run.lora,
                                               run.model_config.transpose_gating_einsum)
-  return jax.jit(fold, out_shardings=run.params_shardings)(frozen, params)
+  return jax.jit(fold, out_shardings=run.params_shardings)
 
 
 def compile_steps(run: Run):
@@ -290,8 +294,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                dict(run.mesh.shape), run.mesh.size, jax.process_count(),
                sharding.describe(run.abstract_state.params, run.state_shardings.params))
   cache = runtime.enable_compilation_cache(c.runtime.compilation_cache, workdir)
-  lengths = pipeline.length_report(c.data, run.tokenizer, c.model.chat_template)
-  logging.info('%s', lengths.describe(c.data.max_len, c.data.overlong))
+  if jax.process_index() == 0:  # a scan of the data: once, by the process that logs
+    lengths = pipeline.length_report(c.data, run.tokenizer, c.model.chat_template)
+    logging.info('%s', lengths.describe(c.data.max_len, c.data.overlong))
 
   ckpts = checkpoint_lib.Checkpoints(workdir, c.train.keep_checkpoints,
                                      c.eval.best_metric, c.eval.best_mode)
@@ -377,8 +382,9 @@ def _loop(run, state, frozen, data_iter, train_step, evaluate, ckpts, writer, pr
   start, num_steps = int(jax.device_get(state.step)), c.train.num_steps
   log = _step_log(run, writer)
   every = lambda n, step: step % n == 0 or step == num_steps
+  plain_params = inference_fn(run)
   if start == 0 and c.train.eval_at_start:
-    writer.write(0, evaluate(inference_params(run, state.params, frozen), 0))
+    writer.write(0, evaluate(plain_params(state.params, frozen), 0))
   log.pause()
   for step in range(start, num_steps):
     profile.before(step)
@@ -396,7 +402,7 @@ def _loop(run, state, frozen, data_iter, train_step, evaluate, ckpts, writer, pr
     preempted = preemption.reached(done)
     if every(c.train.eval_every, done):
       log.flush()
-      scores = evaluate(inference_params(run, state.params, frozen), done)
+      scores = evaluate(plain_params(state.params, frozen), done)
       writer.write(done, scores)
       log.last.update(scores)
       ckpts.save_best(done, state, scores)

@@ -115,7 +115,7 @@ def restore(workdir: str, config: ml_collections.ConfigDict, step: int | None = 
   finally:
     ckpts.close()
   try:
-    params = train.inference_params(run, state.params, train.frozen_base(run))
+    params = train.inference_fn(run)(state.params, train.frozen_base(run))
   except (FileNotFoundError, ValueError) as e:
     raise WorkdirError(f'{workdir} holds LoRA adapters whose base could not be loaded: '
                        f'{e}') from e
