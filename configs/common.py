@@ -55,6 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_at_start = True  # the baseline every later eval is read against
   c.train.checkpoint_every = 200  # and always at the last step
   c.train.keep_checkpoints = 3
+  # Comma-separated regexes over parameter paths (as in sharding.py's table);
+  # matching parameters get no gradient, no optimizer state and no update.
+  # 'embedder/' freezes Gemma's tied embedding (63% of Gemma 3 270M).
+  c.train.freeze = ''
 
   c.eval = ml_collections.ConfigDict()
   # Translation quality at every eval: greedy-decode the eval split and score

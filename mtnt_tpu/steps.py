@@ -17,6 +17,7 @@ import optax
 
 from mtnt_tpu import lora as lora_lib
 from mtnt_tpu import model as model_lib
+from mtnt_tpu import optim
 
 
 @flax.struct.dataclass
@@ -45,7 +46,7 @@ def token_sums(model, params, batch: dict, compute_dtype) -> dict[str, jax.Array
 
 def _grads_and_sums(model, params, frozen, batch, compute_dtype, accum_steps: int):
   def f(p, b):
-    # LoRA: gradients reach only the adapters; the frozen base joins here.
+    # Gradients reach only `p`; the LoRA base or frozen parameters join here.
     full = lora_lib.merge(frozen, p) if frozen else p
     sums = token_sums(model, full, b, compute_dtype)
     return sums['loss_sum'], sums
@@ -73,14 +74,20 @@ def _grads_and_sums(model, params, frozen, batch, compute_dtype, accum_steps: in
 
 def train_step(state: TrainState, batch: dict, frozen=None, *, model,
                optimizer: optax.GradientTransformation, compute_dtype=jnp.float32,
-               accum_steps: int = 1) -> tuple[TrainState, dict]:
-  """One optimizer step. `frozen`: the LoRA base weights (empty or None otherwise)."""
-  grads_sum, sums = _grads_and_sums(model, state.params, frozen, batch, compute_dtype,
+               accum_steps: int = 1, freeze: optim.Freeze = optim.Freeze()
+               ) -> tuple[TrainState, dict]:
+  """One optimizer step. `frozen`: the LoRA base weights (empty or None otherwise);
+  `freeze`: parameters of `state.params` that get no gradient and no update."""
+  trainable, fixed = freeze.split(state.params) if freeze else (state.params, {})
+  constant = frozen or fixed  # never both: train.build refuses freeze with LoRA
+  grads_sum, sums = _grads_and_sums(model, trainable, constant, batch, compute_dtype,
                                     accum_steps)
   n = jnp.maximum(sums['target_tokens'], 1.0)
   grads = jax.tree.map(lambda g: g / n, grads_sum)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+  params = optax.apply_updates(trainable, updates)
+  if freeze:
+    params = freeze.merge(params, fixed)
   metrics = {
       'loss': sums['loss_sum'] / n,
       'accuracy': sums['correct'] / n,

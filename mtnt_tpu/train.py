@@ -59,6 +59,7 @@ class Run:
   abstract_params: object
   params_shardings: object
   lora: lora_lib.LoraSpec | None = None
+  freeze: optim.Freeze = optim.Freeze()  # config.train.freeze
   abstract_frozen: object = dataclasses.field(default_factory=dict)  # the LoRA base
   frozen_shardings: object = dataclasses.field(default_factory=dict)
 
@@ -97,7 +98,9 @@ def _check_config(c, mesh) -> None:
     if c[section][name] not in ('float32', 'bfloat16'):
       raise ValueError(f"config.{section}.{name}={c[section][name]!r}: use 'float32' or "
                        "'bfloat16'")
-  lora_lib.LoraSpec.from_config(c.lora)
+  if lora_lib.LoraSpec.from_config(c.lora) and optim.Freeze.from_config(c.train.freeze):
+    raise ValueError('config.train.freeze is for full fine-tuning; with config.lora.rank > 0 '
+                     'only the adapters train already: set one of them')
   if c.model.checkpoint == '' and not c.model.variant.startswith('tiny'):
     raise ValueError(
         f'config.model.checkpoint is empty for {c.model.variant}: point it at the '
@@ -133,7 +136,9 @@ def _build(config, devices, vocab_size) -> Run:
   plain = model_lib.make_model(model_cfg, c.model.remat)
   spec = lora_lib.LoraSpec.from_config(c.lora)
   model = lora_lib.LoraModel(plain, spec) if spec else plain
-  optimizer, schedule = optim.make(c.optim, c.train.num_steps)
+  freeze = optim.Freeze.from_config(c.train.freeze)
+  freeze.check(model_lib.abstract_params(plain, c.model.param_dtype))
+  optimizer, schedule = optim.make(c.optim, c.train.num_steps, freeze)
 
   abstract = jax.eval_shape(
       functools.partial(_fresh_state, model, spec, optimizer, c), jax.random.key(0))
@@ -149,7 +154,7 @@ def _build(config, devices, vocab_size) -> Run:
       local_batch=c.train.batch_size // jax.process_count(),
       compute_dtype=jnp.dtype(c.model.compute_dtype),
       abstract_params=checkpoint_lib.with_shardings(abstract_params, params_shardings),
-      params_shardings=params_shardings, lora=spec,
+      params_shardings=params_shardings, lora=spec, freeze=freeze,
       abstract_frozen=(checkpoint_lib.with_shardings(abstract_params, params_shardings)
                        if spec else {}),
       frozen_shardings=params_shardings if spec else {})
@@ -240,7 +245,7 @@ def lower_steps(run: Run):
   train = jax.jit(
       functools.partial(steps.train_step, model=run.model, optimizer=run.optimizer,
                         compute_dtype=run.compute_dtype,
-                        accum_steps=run.config.optim.grad_accum_steps),
+                        accum_steps=run.config.optim.grad_accum_steps, freeze=run.freeze),
       in_shardings=(run.state_shardings, batch_shardings, run.frozen_shardings),
       out_shardings=(run.state_shardings, replicated),
       donate_argnums=(0,))
