@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.packing = True  # several examples per row; False pads one example per row
   c.data.overlong = 'truncate'  # or 'drop': examples longer than max_len
   c.data.shuffle_seed = 0
+  # Fraction of training sources given MTNT-style noise (typos, casing, emoji,
+  # slang...: mtnt_tpu/data/noise.py), drawn anew each epoch; 0 = clean.
+  c.data.noise = 0.0
   # The split is read as this many shards, each packed into its own rows of
   # every batch; 0 = one per process. Fix it (to a multiple of every host
   # count you use) to get the same batches on any number of hosts.

@@ -91,6 +91,9 @@ def _check_config(c, mesh) -> None:
         f'config.train.batch_size={c.train.batch_size} must be a multiple of '
         f'{divisor} (mesh batch axes {sharding.batch_divisor(mesh)} x '
         f'config.optim.grad_accum_steps={c.optim.grad_accum_steps})')
+  if not 0 <= c.data.noise <= 1:
+    raise ValueError(f'config.data.noise={c.data.noise}: a fraction of training examples, '
+                     'from 0 (clean) to 1')
   if c.data.overlong not in ('truncate', 'drop'):
     raise ValueError(f"config.data.overlong={c.data.overlong!r}: use 'truncate' or 'drop'")
   for section, name in (('model', 'param_dtype'), ('model', 'compute_dtype'),

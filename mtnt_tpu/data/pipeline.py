@@ -18,6 +18,7 @@ and, host-side only, `index`: the record index each token came from (-1 pad).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import os
 from typing import Iterator
@@ -27,6 +28,7 @@ import jax
 import numpy as np
 
 from mtnt_tpu import tokenizer as tokenizer_lib
+from mtnt_tpu.data import noise
 from mtnt_tpu.data import records
 
 MODEL_KEYS = ('inputs', 'targets', 'mask', 'positions', 'segment_ids')
@@ -182,6 +184,10 @@ class _PackWindow(grain.experimental.FlatMapTransform):
     return [_pad_row(ex, self.max_len) for ex in examples]
 
 
+def _noised(rate: float, seed: int, n: int, i: int, record: bytes) -> tuple[int, bytes]:
+  return i % n, noise.noisy_record(record, rate, seed, i)
+
+
 def _shard_stream(data_cfg, tokenizer_path: str, rows: int, k: int,
                   num_shards: int, chat_template: bool = False) -> grain.IterDataset:
   """Data shard k of K: its records, shuffled per epoch, packed into `rows` rows."""
@@ -191,8 +197,12 @@ def _shard_stream(data_cfg, tokenizer_path: str, rows: int, k: int,
   seed = (data_cfg.shuffle_seed * 1_000_003 + k) % 2**32
   ds = source(data_cfg.dir, data_cfg.train_split)
   n = len(ds)
-  # Grain passes later epochs' indices unreduced (epoch * n + i).
-  ds = ds.map_with_index(lambda i, r: (i % n, r))
+  # Grain passes later epochs' indices unreduced (epoch * n + i), so noise
+  # drawn from that index differs per epoch and repeats exactly on resume.
+  if data_cfg.noise:
+    ds = ds.map_with_index(functools.partial(_noised, data_cfg.noise, seed, n))
+  else:
+    ds = ds.map_with_index(lambda i, r: (i % n, r))
   ds = ds[k::num_shards]
   ds = ds.shuffle(seed=seed).repeat(None)
   ds = ds.map(_Tokenize(tokenizer_path, data_cfg.dst_lang, L, chat_template))
