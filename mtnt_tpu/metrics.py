@@ -33,7 +33,8 @@ class Writer:
     clean = {k: float(v) for k, v in scalars.items()}
     parts = ' '.join(f'{k}={_fmt(v)}' for k, v in clean.items())
     logging.info('step %d %s', step, parts)
-    self._jsonl.append(json.dumps({'step': step, **clean}))
+    # Unix time, so a run's curves can be drawn against wall time too.
+    self._jsonl.append(json.dumps({'step': step, 'time': round(time.time(), 3), **clean}))
     if self._tb is not None:
       for k, v in clean.items():
         if math.isfinite(v):
