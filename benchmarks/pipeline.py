@@ -1,6 +1,7 @@
 """Input-pipeline benchmark: mtnt_tpu's Grain pipeline next to the seed tutorial's tf.data one.
 
     uv run python benchmarks/pipeline.py [--repeats 3] [--batches 200] [--skip_tf]
+        [--baseline REV] [--bestfit_bins 32,1024]
 
 Both pipelines read the same real en-fr text (Multi30k train, 29,000 pairs, from
 ../shared/data/multi30k) with the same SentencePiece tokenizer, trained here on
@@ -23,7 +24,12 @@ Columns: examples/s (mtnt_tpu: over --batches batches after the first, whose
 latency is reported apart; seed: over whole epochs from the start, since each
 epoch's first batch waits for that epoch to be tokenized), the
 non-pad fraction (non-pad tokens / rows x row length), and the fraction of
-the epoch's examples the pipeline keeps. Before timing, a correctness pass
+the epoch's examples the pipeline keeps, examples per CPU-second of this
+process (all its threads: the fair rate on a shared machine, where wall time
+waits for other jobs), and whether a fresh iterator given a saved state yields
+the same next batches. --baseline REV times the packed pipeline as committed
+at REV beside today's; --bestfit_bins N,.. times Grain's BestFitPackIterDataset
+on the same read-and-tokenize stream. Before timing, a correctness pass
 walks the mtnt_tpu pipeline 5% into its second epoch, checks that every record
 index was seen, and checks every row against its record re-tokenized on its own.
 
@@ -218,27 +224,105 @@ def data_config(data_dir: str, *, packing: bool, num_workers: int, max_len: int)
 # ------------------------------------------------------------- mtnt_tpu pipeline
 
 
-def measure_project(data_dir: str, tok_path: str, *, packing: bool, num_workers: int,
-                    max_len: int, batch_size: int, batches: int) -> dict:
-  import numpy as np
+def make_dataset(variant: str, cfg, tok_path: str, batch_size: int):
+  """The pipeline under test: 'mtnt_tpu' (pipeline.train_dataset) or
+  'bestfit:N', the same shuffled read-and-tokenize stream packed by Grain's
+  BestFitPackIterDataset with N bins instead of the project's window packer."""
   from mtnt_tpu.data import pipeline
+  if variant == 'mtnt_tpu':
+    return pipeline.train_dataset(cfg, tok_path, batch_size, pipeline.HostShard(0, 1))
+  import grain
+  bins = int(variant.split(':')[1])
+  L = cfg.max_len
+  paths = pipeline.split_paths(cfg.dir, cfg.train_split)
+  n = len(grain.sources.ArrayRecordDataSource(paths))
+  ds = grain.MapDataset.range(n).shuffle(seed=cfg.shuffle_seed).repeat(None)
+  ds = ds.batch(pipeline.PACK_WINDOW, batch_fn=list).map(
+      pipeline._ReadWindow(paths, tok_path, cfg.dst_lang, L))  # pylint: disable=protected-access
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+  keys = ('inputs', 'targets', 'mask', 'index')
+
+  class Examples(grain.experimental.FlatMapTransform):  # windows -> examples
+    max_fan_out = pipeline.PACK_WINDOW
+
+    def flat_map(self, window):
+      return [{k: ex[k] for k in keys} for ex in window]
+
+  it = grain.experimental.FlatMapIterDataset(it, Examples())
+  it = grain.experimental.BestFitPackIterDataset(
+      it, length_struct={k: L for k in keys}, num_packing_bins=bins, shuffle_bins=False,
+      padding_struct={'inputs': 0, 'targets': 0, 'mask': 0, 'index': -1})
+  it = it.map(lambda r: {'inputs': r['inputs'], 'targets': r['targets'], 'mask': r['mask'],
+                         'index': r['index'], 'segment_ids': r['inputs_segment_ids'],
+                         'positions': r['inputs_positions']})
+  it = it.batch(batch_size, drop_remainder=True)
+  return grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=2)
+
+
+def measure_project(data_dir: str, tok_path: str, *, packing: bool, num_workers: int,
+                    max_len: int, batch_size: int, batches: int,
+                    variant: str = 'mtnt_tpu') -> dict:
+  import numpy as np
   cfg = data_config(data_dir, packing=packing, num_workers=num_workers, max_len=max_len)
-  ds = pipeline.train_dataset(cfg, tok_path, batch_size, pipeline.HostShard(0, 1))
+  ds = make_dataset(variant, cfg, tok_path, batch_size)
   t0 = time.perf_counter()
   it = iter(ds)
   next(it)
-  t1 = time.perf_counter()
+  t1, c1 = time.perf_counter(), time.process_time()
   got = [next(it) for _ in range(batches)]
-  t2 = time.perf_counter()
+  t2, c2 = time.perf_counter(), time.process_time()
   _close(it)
   idx = np.stack([b['index'] for b in got])
   seg = np.stack([b['segment_ids'] for b in got])
   assert idx.shape == (batches, batch_size, max_len), idx.shape
   examples = sum(np.unique(b[b >= 0]).size for b in idx)  # distinct records per batch
   segments = sum(len(set(r[r > 0].tolist())) for b in seg for r in b)
-  return {'first_batch_s': t1 - t0, 'seconds': t2 - t1, 'examples': int(examples),
-          'segments': int(segments), 'rows': batches * batch_size, 'row_len': max_len,
-          'non_pad': int((seg > 0).sum())}
+  return {'first_batch_s': t1 - t0, 'seconds': t2 - t1, 'cpu_seconds': c2 - c1,
+          'examples': int(examples), 'segments': int(segments), 'rows': batches * batch_size,
+          'row_len': max_len, 'non_pad': int((seg > 0).sum()),
+          'resumes_exactly': resumes_exactly(ds)}
+
+
+def resumes_exactly(ds, before: int = 3, after: int = 4) -> bool:
+  """A fresh iterator given the state after `before` batches yields the same next ones."""
+  import numpy as np
+  it = iter(ds)
+  for _ in range(before):
+    next(it)
+  state = it.get_state()
+  want = [next(it) for _ in range(after)]
+  _close(it)
+  it = iter(ds)
+  it.set_state(state)
+  got = [next(it) for _ in range(after)]
+  _close(it)
+  return all(set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+             for a, b in zip(want, got))
+
+
+def measure_baseline(rev: str, work: str, args_json: str) -> dict:
+  """measure_project on the pipeline as committed at `rev`, in a subprocess
+  importing that revision's tree (git archive) instead of this one."""
+  tree = os.path.join(work, f'baseline-{rev}')
+  if not os.path.isdir(tree):
+    os.makedirs(tree)
+    archive = subprocess.run(['git', '-C', REPO, 'archive', rev], check=True,
+                             capture_output=True).stdout
+    subprocess.run(['tar', '-x', '-C', tree], input=archive, check=True)
+  out = subprocess.run([sys.executable, os.path.abspath(__file__), '--_project_worker',
+                        '--project_root', tree, '--worker_args', args_json],
+                       check=True, capture_output=True, text=True)
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def project_worker(args: argparse.Namespace) -> None:
+  sys.path.insert(0, args.project_root)  # that revision's mtnt_tpu and configs
+  from absl import flags
+  flags.FLAGS([sys.argv[0]])
+  kw = json.loads(args.worker_args)
+  from mtnt_tpu.data import pipeline
+  print(f'baseline pipeline: {pipeline.__file__}', file=sys.stderr)
+  print(json.dumps(measure_project(**kw)))
 
 
 def _segments(batch: dict) -> int:
@@ -458,6 +542,10 @@ def summarize(name: str, runs: list, kept: float, note: str = '') -> dict:
           'non_pad': _median([r['non_pad'] / (r['rows'] * r['row_len']) for r in runs]),
           'examples_per_row': _median([r['examples'] / r['rows'] for r in runs]),
           'first_batch_s': _median([r['first_batch_s'] for r in runs]), 'kept': kept,
+          'per_cpu_s': _median([r['examples'] / r['cpu_seconds'] if r.get('cpu_seconds')
+                                else float('nan') for r in runs]),
+          'resumes': ('n/a' if any('resumes_exactly' not in r for r in runs) else
+                      'yes' if all(r['resumes_exactly'] for r in runs) else 'NO'),
           'note': note}
 
 
@@ -469,16 +557,26 @@ def _num(x: float) -> str:
   return 'n/a' if x != x else f'{x:,.0f}'
 
 
-def table(rows: list, base: float | None) -> str:
-  out = ['| pipeline | examples/s (median; min-max) | vs seed | non-pad fraction | '
-         'examples/row | kept per epoch | records tokenized/s | first batch (s) |',
-         '|---|---:|---:|---:|---:|---:|---:|---:|']
+def label(variant: str, packing: bool, workers: int, args: argparse.Namespace) -> str:
+  if variant == 'baseline':
+    return f'mtnt_tpu at {args.baseline} packed {args.max_len}, num_workers={workers}'
+  if variant.startswith('bestfit:'):
+    return (f"Grain BestFitPackIterDataset, {variant.split(':')[1]} bins, {args.max_len}, "
+            f'num_workers={workers}')
+  return f'mtnt_tpu {"packed" if packing else "padded"} {args.max_len}, num_workers={workers}'
+
+
+def table(rows: list, base: float | None, base_name: str = 'seed') -> str:
+  out = [f'| pipeline | examples/s (median; min-max) | vs {base_name} | non-pad fraction | '
+         'examples/row | kept per epoch | records tokenized/s | first batch (s) | '
+         'examples per CPU-second | exact resume |',
+         '|---|---:|---:|---:|---:|---:|---:|---:|---:|---|']
   for r in rows:
     ratio = f'{r["examples_per_s"] / base:.1f}x' if base else 'n/a'
     out.append(f'| {r["pipeline"]} | {r["examples_per_s"]:,.0f} ({r["min"]:,.0f}-'
                f'{r["max"]:,.0f}) | {ratio} | {r["non_pad"]:.3f} | {r["examples_per_row"]:.2f} '
                f'| {_pct(r["kept"])}{r["note"]} | {_num(r["records_per_s"])} '
-               f'| {r["first_batch_s"]:.2f} |')
+               f'| {r["first_batch_s"]:.2f} | {_num(r["per_cpu_s"])} | {r["resumes"]} |')
   return '\n'.join(out)
 
 
@@ -498,6 +596,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help='venv for the tf.data half, created if missing (default %(default)s)')
   p.add_argument('--data_dir', default=DEFAULT_DATA, help='Multi30k {train,val}.{en,fr}')
   p.add_argument('--workers', default='0,2', help='config.data.num_workers values to time')
+  p.add_argument('--baseline', default='',
+                 help='also time the packed num_workers=0 pipeline as committed at this git '
+                 'revision (side by side, same data and tokenizer)')
+  p.add_argument('--bestfit_bins', default='',
+                 help="comma-separated bin counts: also time Grain's BestFitPackIterDataset "
+                 'on the same stream (packed, num_workers=0)')
   p.add_argument('--skip_check', action='store_true', help='skip the correctness pass')
   p.add_argument('--profile', action='store_true',
                  help='also cProfile the packed num_workers=0 pipeline')
@@ -508,6 +612,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--pairs', help=argparse.SUPPRESS)
   p.add_argument('--tokenizer', help=argparse.SUPPRESS)
   p.add_argument('--kept', type=int, help=argparse.SUPPRESS)
+  # Internal: the --baseline revision's pipeline, run in a subprocess.
+  p.add_argument('--_project_worker', action='store_true', help=argparse.SUPPRESS)
+  p.add_argument('--project_root', help=argparse.SUPPRESS)
+  p.add_argument('--worker_args', help=argparse.SUPPRESS)
   return p.parse_args(argv)
 
 
@@ -515,6 +623,9 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   if args._seed_worker:
     seed_worker(args)
+    return 0
+  if args._project_worker:
+    project_worker(args)
     return 0
   data_dir = os.path.abspath(args.data_dir)
   if not all(os.path.isfile(os.path.join(data_dir, f'{split}.{lang}'))
@@ -545,7 +656,11 @@ def main(argv=None) -> int:
         f.write(json.dumps({'src': p.src, 'dst': p.dst}, ensure_ascii=False) + '\n')
 
     workers = [int(w) for w in args.workers.split(',') if w.strip()]
-    configs = [(packing, w) for packing in (True, False) for w in workers]
+    # (variant, packing, num_workers); 'baseline' is --baseline's revision.
+    configs = [('mtnt_tpu', packing, w) for packing in (True, False) for w in workers]
+    if args.baseline:
+      configs.insert(0, ('baseline', True, 0))
+    configs += [(f'bestfit:{b}', True, 0) for b in args.bestfit_bins.split(',') if b.strip()]
     checks = {}
     if not args.skip_check:
       for packing in (True, False):
@@ -576,38 +691,42 @@ def main(argv=None) -> int:
         print(f'[{rep + 1}/{args.repeats}] seed tf.data: '
               f'{r["examples"] / r["seconds"]:,.0f} examples/s ({r["batches"]} batches, '
               f'{r["epochs"]} epochs)', flush=True)
-      for packing, w in order:
-        r = measure_project(prepared, tok_path, packing=packing, num_workers=w,
-                            max_len=args.max_len, batch_size=args.batch_size,
-                            batches=args.batches)
-        runs[(packing, w)].append(r)
+      for variant, packing, w in order:
+        kw = dict(packing=packing, num_workers=w, max_len=args.max_len,
+                  batch_size=args.batch_size, batches=args.batches)
+        if variant == 'baseline':
+          r = measure_baseline(args.baseline, work, json.dumps(
+              dict(kw, data_dir=prepared, tok_path=tok_path)))
+        else:
+          r = measure_project(prepared, tok_path, variant=variant, **kw)
+        runs[(variant, packing, w)].append(r)
         if r['segments'] != r['examples']:
           print(f'  note: {r["segments"]} segments but {r["examples"]} distinct indices')
-        print(f'[{rep + 1}/{args.repeats}] mtnt_tpu {"packed" if packing else "padded"} '
-              f'workers={w}: {r["examples"] / r["seconds"]:,.0f} examples/s', flush=True)
+        print(f'[{rep + 1}/{args.repeats}] {label(variant, packing, w, args)}: '
+              f'{r["examples"] / r["seconds"]:,.0f} examples/s', flush=True)
 
     rows = []
     if seed_runs:
       rows.append(summarize(f'seed tf.data (max {SEED_MAX_LEN}, padded, tf '
                             f'{seed_info["tensorflow"]})', seed_runs,
                             seed_info['kept'] / seed_info['total']))
-    for packing, w in configs:
-      check = checks.get(packing)
+    for variant, packing, w in configs:
+      check = checks.get(packing) if variant == 'mtnt_tpu' else None
       kept = check['seen'] / check['records'] if check else float('nan')
       note = f' ({check["truncated"]} truncated)' if check and check['truncated'] else ''
-      rows.append(summarize(f'mtnt_tpu {"packed" if packing else "padded"} '
-                            f'{args.max_len}, num_workers={w}', runs[(packing, w)], kept, note))
-    base = rows[0]['examples_per_s'] if seed_runs else None
+      rows.append(summarize(label(variant, packing, w, args), runs[(variant, packing, w)],
+                            kept, note))
+    base = rows[0]['examples_per_s'] if seed_runs or args.baseline else None
     seed_note = (f'; seed: {seed_runs[0]["batches"]} batches = {seed_runs[0]["epochs"]} whole '
                  'epochs, first included' if seed_runs else '')
     print(f'\n{args.batch_size} rows per batch; mtnt_tpu: {args.batches} timed batches after the '
           f'first{seed_note}; median of {args.repeats}; {os.cpu_count()} CPUs\n')
-    print(table(rows, base))
+    print(table(rows, base, 'seed' if seed_runs else 'baseline'))
     if args.json:
       with open(args.json, 'w') as f:
         json.dump({'args': {k: v for k, v in vars(args).items() if not k.startswith('_')},
                    'rows': rows, 'seed_runs': seed_runs,
-                   'runs': {f'packing={p},workers={w}': v for (p, w), v in runs.items()},
+                   'runs': {label(*c, args): v for c, v in runs.items()},
                    'checks': {str(k): {kk: vv for kk, vv in v.items() if kk != 'lengths'}
                               for k, v in checks.items()}}, f, indent=2)
     if args.profile:

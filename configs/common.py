@@ -16,6 +16,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Rematerialisation in the backward pass: 'none' keeps every activation,
   # 'block' recomputes each transformer block, 'matmuls' saves only matmul outputs.
   c.model.remat = 'none'
+  # The loss forms the [tokens, vocab] logits this many tokens (of the global
+  # batch) at a time, never whole: a chip holds about loss_chunk / (batch
+  # shards) x vocab fp32 logits at once. 0: whole logits, as gemma computes them.
+  c.model.loss_chunk = 8192
   # Instruction-tuned (-it) checkpoints: wrap each example in Gemma chat turns.
   c.model.chat_template = False
 

@@ -165,6 +165,38 @@ def forward(model: nn.Module, params: Params, inputs_BL: jax.Array,
   return logits_BLV
 
 
+def network_config(model) -> TransformerConfig:
+  """The TransformerConfig of a Gemma module, LoRA-wrapped or not."""
+  return getattr(model, 'base', model).config
+
+
+def _final_hidden(module: gemma_transformer.Transformer, tokens_BL, positions_BL, mask_BLL):
+  # gemma 2.0.8's Transformer.__call__ up to the final norm, on its own modules;
+  # the unembedding is left to the loss, which runs it a chunk at a time.
+  x_BLD = module.embedder.encode(tokens_BL)
+  for block in module.blocks:
+    _, x_BLD = block(x_BLD, positions_BL, None, mask_BLL)
+  return module.final_norm(x_BLD)
+
+
+def hidden_states(model: nn.Module, params: Params, inputs_BL: jax.Array,
+                  positions_BL: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
+  """Final-norm activations [B, L, D]: `forward` without the [B, L, V] unembedding."""
+  return model.apply({'params': params}, inputs_BL, positions_BL,
+                     attention_mask(segment_ids_BL), method=_final_hidden)
+
+
+def output_logits(cfg: TransformerConfig, table_VD: jax.Array, x_TD: jax.Array) -> jax.Array:
+  """Logits [T, V] from final hidden states, as gemma's Transformer ends (2.0.8)."""
+  embedder = gemma_modules.Embedder(vocab_size=cfg.num_embed, embed_dim=cfg.embed_dim)
+  logits_TV = embedder.apply({'params': {'input_embedding': table_VD}}, x_TD,
+                             method=gemma_modules.Embedder.decode)
+  if cfg.final_logit_softcap is not None:
+    logits_TV /= cfg.final_logit_softcap
+    logits_TV = jnp.tanh(logits_TV) * cfg.final_logit_softcap
+  return logits_TV
+
+
 def init_params(model: nn.Module, rng: jax.Array, param_dtype: str = 'float32') -> Params:
   x_BL = jnp.zeros((1, 4), jnp.int32)
   params = model.init(rng, x_BL, x_BL, None, jnp.ones((1, 4, 4), jnp.bool_))['params']

@@ -27,28 +27,102 @@ class TrainState:
   opt_state: Any
 
 
-def token_sums(model, params, batch: dict, compute_dtype) -> dict[str, jax.Array]:
-  """Loss and counts summed over the batch's target tokens, each []."""
+def token_sums(model, params, batch: dict, compute_dtype,
+               loss_chunk: int = 0) -> dict[str, jax.Array]:
+  """Loss and counts summed over the batch's target tokens, each [].
+
+  `loss_chunk` (config.model.loss_chunk) > 0: the logits are formed this many
+  tokens (of the global batch) at a time, never all [B, L, V] at once, with the
+  same sums and gradients; 0 computes them whole, as gemma's Transformer does.
+  """
+  # The unembedding's gradient accumulates over chunks in the master dtype.
+  table_VD = params['embedder']['input_embedding']
   params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
-  logits_BLV = model_lib.forward(model, params, batch['inputs'], batch['positions'],
-                                 batch['segment_ids'])
-  logp_BLV = jax.nn.log_softmax(logits_BLV.astype(jnp.float32))
-  nll_BL = -jnp.take_along_axis(logp_BLV, batch['targets'][..., None], axis=-1)[..., 0]
+  args = (model, params, batch['inputs'], batch['positions'], batch['segment_ids'])
   mask_BL = batch['mask'].astype(jnp.float32)
-  correct_BL = (jnp.argmax(logits_BLV, axis=-1) == batch['targets']).astype(jnp.float32)
+  if loss_chunk:
+    loss_sum, correct = chunked_sums(model_lib.network_config(model), compute_dtype,
+                                     loss_chunk, model_lib.hidden_states(*args), table_VD,
+                                     batch['targets'], mask_BL)
+  else:
+    loss_sum, correct = _logit_sums(model_lib.forward(*args), batch['targets'], mask_BL)
   return {
-      'loss_sum': jnp.sum(nll_BL * mask_BL),
-      'correct': jnp.sum(correct_BL * mask_BL),
+      'loss_sum': loss_sum,
+      'correct': correct,
       'target_tokens': jnp.sum(mask_BL),
       'real_tokens': jnp.sum((batch['segment_ids'] > 0).astype(jnp.float32)),
   }
 
 
-def _grads_and_sums(model, params, frozen, batch, compute_dtype, accum_steps: int):
+def _logit_sums(logits_TV, targets_T, mask_T) -> tuple[jax.Array, jax.Array]:
+  """(summed masked negative log-likelihood, correct argmax count), over any leading dims."""
+  logp_TV = jax.nn.log_softmax(logits_TV.astype(jnp.float32))
+  nll_T = -jnp.take_along_axis(logp_TV, targets_T[..., None], axis=-1)[..., 0]
+  correct_T = (jnp.argmax(logits_TV, axis=-1) == targets_T).astype(jnp.float32)
+  return jnp.sum(nll_T * mask_T), jnp.sum(correct_T * mask_T)
+
+
+def num_loss_chunks(batch: int, length: int, loss_chunk: int) -> int:
+  """The fewest chunks, a divisor of `length`, holding <= loss_chunk tokens each."""
+  for n in range(1, length + 1):
+    if length % n == 0 and batch * (length // n) <= loss_chunk:
+      return n
+  return length  # one position of every row per chunk: the finest this split goes
+
+
+def chunked_sums(cfg, compute_dtype, loss_chunk: int, x_BLD, table_VD, targets_BL, mask_BL):
+  """`_logit_sums` of the logits of `x_BLD`, formed one chunk of tokens at a time.
+
+  Chunk j holds positions j, j + n, j + 2n, ... of every row, so each keeps
+  the batch's sharding. The forward pass also forms each chunk's gradient
+  (the loss is a plain sum, so its cotangent only scales it): the backward
+  pass needs neither the logits nor a second pass over them.
+  """
+  B, L, D = x_BLD.shape
+  n = num_loss_chunks(B, L, loss_chunk)
+
+  def split(a):  # [B, L, ...] -> [n, B * L / n, ...]
+    a = a.reshape(B, L // n, n, *a.shape[2:])
+    return jnp.moveaxis(a, 2, 0).reshape(n, B * (L // n), *a.shape[3:])
+
+  def chunk(x_CD, w_VD, t_C, m_C):
+    return _logit_sums(model_lib.output_logits(cfg, w_VD.astype(compute_dtype), x_CD), t_C, m_C)
+
+  zero = jnp.zeros((), jnp.float32)
+
+  @jax.custom_vjp
+  def sums(x_nCD, w_VD, t_nC, m_nC):
+    def body(acc, xs):
+      loss, correct = chunk(xs[0], w_VD, *xs[1:])
+      return (acc[0] + loss, acc[1] + correct), None
+    return jax.lax.scan(body, (zero, zero), (x_nCD, t_nC, m_nC))[0]
+
+  def sums_fwd(x_nCD, w_VD, t_nC, m_nC):
+    def body(acc, xs):
+      x_CD, t_C, m_C = xs
+      loss, pullback, correct = jax.vjp(lambda x, w: chunk(x, w, t_C, m_C), x_CD, w_VD,
+                                        has_aux=True)
+      dx_CD, dw_VD = pullback(jnp.ones_like(loss))
+      return (acc[0] + loss, acc[1] + correct, acc[2] + dw_VD), dx_CD
+    (loss, correct, dw_VD), dx_nCD = jax.lax.scan(
+        body, (zero, zero, jnp.zeros_like(w_VD)), (x_nCD, t_nC, m_nC))
+    return (loss, correct), (dx_nCD, dw_VD)
+
+  def sums_bwd(res, cotangents):
+    dx_nCD, dw_VD = res
+    g = cotangents[0]  # the correct count has no gradient
+    return dx_nCD * g.astype(dx_nCD.dtype), dw_VD * g.astype(dw_VD.dtype), None, None
+
+  sums.defvjp(sums_fwd, sums_bwd)
+  return sums(split(x_BLD), table_VD, split(targets_BL), split(mask_BL))
+
+
+def _grads_and_sums(model, params, frozen, batch, compute_dtype, accum_steps: int,
+                    loss_chunk: int):
   def f(p, b):
     # Gradients reach only `p`; the LoRA base or frozen parameters join here.
     full = lora_lib.merge(frozen, p) if frozen else p
-    sums = token_sums(model, full, b, compute_dtype)
+    sums = token_sums(model, full, b, compute_dtype, loss_chunk)
     return sums['loss_sum'], sums
 
   grad_fn = jax.grad(f, has_aux=True)
@@ -74,14 +148,14 @@ def _grads_and_sums(model, params, frozen, batch, compute_dtype, accum_steps: in
 
 def train_step(state: TrainState, batch: dict, frozen=None, *, model,
                optimizer: optax.GradientTransformation, compute_dtype=jnp.float32,
-               accum_steps: int = 1, freeze: optim.Freeze = optim.Freeze()
-               ) -> tuple[TrainState, dict]:
+               accum_steps: int = 1, loss_chunk: int = 0,
+               freeze: optim.Freeze = optim.Freeze()) -> tuple[TrainState, dict]:
   """One optimizer step. `frozen`: the LoRA base weights (empty or None otherwise);
   `freeze`: parameters of `state.params` that get no gradient and no update."""
   trainable, fixed = freeze.split(state.params) if freeze else (state.params, {})
   constant = frozen or fixed  # never both: train.build refuses freeze with LoRA
   grads_sum, sums = _grads_and_sums(model, trainable, constant, batch, compute_dtype,
-                                    accum_steps)
+                                    accum_steps, loss_chunk)
   n = jnp.maximum(sums['target_tokens'], 1.0)
   grads = jax.tree.map(lambda g: g / n, grads_sum)
   updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
@@ -98,6 +172,7 @@ def train_step(state: TrainState, batch: dict, frozen=None, *, model,
   return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params, batch: dict, *, model, compute_dtype=jnp.float32) -> dict:
+def eval_step(params, batch: dict, *, model, compute_dtype=jnp.float32,
+              loss_chunk: int = 0) -> dict:
   """Sums, not means: the caller adds them over the whole split, then divides."""
-  return token_sums(model, params, batch, compute_dtype)
+  return token_sums(model, params, batch, compute_dtype, loss_chunk)

@@ -94,6 +94,9 @@ def _check_config(c, mesh) -> None:
   if not 0 <= c.data.noise <= 1:
     raise ValueError(f'config.data.noise={c.data.noise}: a fraction of training examples, '
                      'from 0 (clean) to 1')
+  if c.model.loss_chunk < 0:
+    raise ValueError(f'config.model.loss_chunk={c.model.loss_chunk}: use tokens per chunk '
+                     '(> 0), or 0 for whole logits')
   if c.data.overlong not in ('truncate', 'drop'):
     raise ValueError(f"config.data.overlong={c.data.overlong!r}: use 'truncate' or 'drop'")
   for section, name in (('model', 'param_dtype'), ('model', 'compute_dtype'),
@@ -248,14 +251,15 @@ def lower_steps(run: Run):
   train = jax.jit(
       functools.partial(steps.train_step, model=run.model, optimizer=run.optimizer,
                         compute_dtype=run.compute_dtype,
-                        accum_steps=run.config.optim.grad_accum_steps, freeze=run.freeze),
+                        accum_steps=run.config.optim.grad_accum_steps,
+                        loss_chunk=run.config.model.loss_chunk, freeze=run.freeze),
       in_shardings=(run.state_shardings, batch_shardings, run.frozen_shardings),
       out_shardings=(run.state_shardings, replicated),
       donate_argnums=(0,))
   # Evaluation reads plain weights (LoRA folded in), so it needs no adapters.
   evaluate = jax.jit(
       functools.partial(steps.eval_step, model=model_lib.make_model(run.model_config),
-                        compute_dtype=run.compute_dtype),
+                        compute_dtype=run.compute_dtype, loss_chunk=run.config.model.loss_chunk),
       in_shardings=(run.params_shardings, batch_shardings),
       out_shardings=replicated)
   return (train.lower(run.abstract_state, batch_spec, run.abstract_frozen),

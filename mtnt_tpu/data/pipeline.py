@@ -18,7 +18,6 @@ and, host-side only, `index`: the record index each token came from (-1 pad).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import glob
 import os
 from typing import Iterator
@@ -75,35 +74,62 @@ def tokenize_example(tok: tokenizer_lib.Tokenizer, index: int, record: bytes,
                  index=np.full(n, index, np.int32), truncated=truncated)
 
 
-class _Tokenize(grain.transforms.Map):
-  """(index, record) -> dict of unpadded [n] arrays. Pickles by tokenizer path."""
+class _ReadWindow(grain.transforms.Map):
+  """A window of (record index, stream place) -> its examples as dicts of unpadded
+  [n] arrays, the sources noised at config.data.noise.
 
-  def __init__(self, tokenizer_path: str, dst_lang: str, max_len: int,
-               chat_template: bool = False):
-    self._path, self._dst_lang, self._max_len = tokenizer_path, dst_lang, max_len
-    self._chat_template = chat_template
-    self._tok = None
+  The window's records come from one ArrayRecord read (a call per record cost
+  about ten times as much). Pickles by paths, for Grain's worker processes.
+  """
+
+  def __init__(self, paths: list[str], tokenizer_path: str, dst_lang: str, max_len: int,
+               chat_template: bool = False, noise_rate: float = 0.0, noise_seed: int = 0):
+    self._paths, self._path, self._dst_lang = paths, tokenizer_path, dst_lang
+    self._max_len, self._chat_template = max_len, chat_template
+    self._noise_rate, self._noise_seed = noise_rate, noise_seed
+    self._tok = self._source = None
 
   def __getstate__(self):
-    return {**self.__dict__, '_tok': None}
+    return {**self.__dict__, '_tok': None, '_source': None}
 
   def map(self, element):
     if self._tok is None:
       self._tok = tokenizer_lib.Tokenizer(self._path)
-    index, record = element
-    ex = tokenize_example(self._tok, index, record, self._dst_lang, self._max_len,
-                          self._chat_template)
-    return {'inputs': ex.inputs, 'targets': ex.targets, 'mask': ex.mask,
-            'index': ex.index, 'truncated': np.asarray(ex.truncated)}
+      self._source = grain.sources.ArrayRecordDataSource(self._paths)
+    indices = [int(i) for i, _ in element]
+    out = []
+    for (index, place), record in zip(element, self._source.__getitems__(indices)):
+      if self._noise_rate:
+        record = noise.noisy_record(record, self._noise_rate, self._noise_seed, int(place))
+      ex = tokenize_example(self._tok, index, record, self._dst_lang, self._max_len,
+                            self._chat_template)
+      out.append({'inputs': ex.inputs, 'targets': ex.targets, 'mask': ex.mask,
+                  'index': ex.index, 'truncated': ex.truncated})
+    return out
+
+
+def _empty_rows(num_rows: int, max_len: int) -> dict[str, np.ndarray]:
+  """Padding rows [R, L]: zeros, and index -1."""
+  rows = {k: np.zeros((num_rows, max_len), np.int32) for k in MODEL_KEYS}
+  rows['index'] = np.full((num_rows, max_len), -1, np.int32)
+  return rows
+
+
+def _place(rows: dict, r: int, start: int, ex: dict, segment: int) -> int:
+  """Writes example `ex` into row r from token `start`; returns where it ends."""
+  end = start + len(ex['inputs'])
+  for k in ('inputs', 'targets', 'mask', 'index'):
+    rows[k][r, start:end] = ex[k]
+  rows['positions'][r, start:end] = np.arange(end - start)
+  rows['segment_ids'][r, start:end] = segment
+  return end
 
 
 def _pad_row(ex: dict, max_len: int) -> dict:
   """One example per row, padded: the seed tutorial's layout, kept for comparison."""
-  n = len(ex['inputs'])
-  pad = lambda x, v=0: np.pad(x, (0, max_len - n), constant_values=v)
-  return {'inputs': pad(ex['inputs']), 'targets': pad(ex['targets']), 'mask': pad(ex['mask']),
-          'positions': pad(np.arange(n, dtype=np.int32)),
-          'segment_ids': pad(np.ones(n, np.int32)), 'index': pad(ex['index'], -1)}
+  row = _empty_rows(1, max_len)
+  _place(row, 0, 0, ex, 1)
+  return {k: v[0] for k, v in row.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,21 +179,12 @@ def pack_rows(examples: list[dict], max_len: int) -> list[dict]:
   # Rows in order of their first example in the window, so the stream keeps
   # the shuffle's order as far as packing allows.
   rows.sort(key=min)
-  out = []
-  for members in rows:
-    members.sort()
-    parts = [examples[i] for i in members]
-    cat = lambda k: np.concatenate([p[k] for p in parts])
-    n = sum(len(p['inputs']) for p in parts)
-    pad = lambda x, v=0: np.pad(x, (0, max_len - n), constant_values=v)
-    out.append({
-        'inputs': pad(cat('inputs')), 'targets': pad(cat('targets')), 'mask': pad(cat('mask')),
-        'positions': pad(np.concatenate([np.arange(len(p['inputs']), dtype=np.int32)
-                                         for p in parts])),
-        'segment_ids': pad(np.concatenate([np.full(len(p['inputs']), j + 1, np.int32)
-                                           for j, p in enumerate(parts)])),
-        'index': pad(cat('index'), -1)})
-  return out
+  out = _empty_rows(len(rows), max_len)
+  for r, members in enumerate(rows):
+    start = 0
+    for segment, i in enumerate(sorted(members), 1):
+      start = _place(out, r, start, examples[i], segment)
+  return [{k: v[r] for k, v in out.items()} for r in range(len(rows))]
 
 
 class _PackWindow(grain.experimental.FlatMapTransform):
@@ -184,10 +201,6 @@ class _PackWindow(grain.experimental.FlatMapTransform):
     return [_pad_row(ex, self.max_len) for ex in examples]
 
 
-def _noised(rate: float, seed: int, n: int, i: int, record: bytes) -> tuple[int, bytes]:
-  return i % n, noise.noisy_record(record, rate, seed, i)
-
-
 def _shard_stream(data_cfg, tokenizer_path: str, rows: int, k: int,
                   num_shards: int, chat_template: bool = False) -> grain.IterDataset:
   """Data shard k of K: its records, shuffled per epoch, packed into `rows` rows."""
@@ -195,19 +208,18 @@ def _shard_stream(data_cfg, tokenizer_path: str, rows: int, k: int,
   if data_cfg.overlong not in ('truncate', 'drop'):
     raise ValueError(f"config.data.overlong={data_cfg.overlong!r}: use 'truncate' or 'drop'")
   seed = (data_cfg.shuffle_seed * 1_000_003 + k) % 2**32
-  ds = source(data_cfg.dir, data_cfg.train_split)
-  n = len(ds)
-  # Grain passes later epochs' indices unreduced (epoch * n + i), so noise
-  # drawn from that index differs per epoch and repeats exactly on resume.
-  if data_cfg.noise:
-    ds = ds.map_with_index(functools.partial(_noised, data_cfg.noise, seed, n))
-  else:
-    ds = ds.map_with_index(lambda i, r: (i % n, r))
-  ds = ds[k::num_shards]
+  paths = split_paths(data_cfg.dir, data_cfg.train_split)
+  n = len(grain.sources.ArrayRecordDataSource(paths))
+  # Record indices, shuffled per epoch, in windows of consecutive shuffled
+  # examples (a window may span two epochs); each window is read in one call.
+  ds = grain.MapDataset.range(n)[k::num_shards]
   ds = ds.shuffle(seed=seed).repeat(None)
-  ds = ds.map(_Tokenize(tokenizer_path, data_cfg.dst_lang, L, chat_template))
-  # Windows of consecutive shuffled examples; a window may span two epochs.
+  # (record, place in this shard's endless stream): noise drawn from the place
+  # differs per epoch and repeats exactly on resume.
+  ds = ds.map_with_index(lambda place, record: (record, place))
   ds = ds.batch(PACK_WINDOW, batch_fn=list)
+  ds = ds.map(_ReadWindow(paths, tokenizer_path, data_cfg.dst_lang, L, chat_template,
+                          noise_rate=data_cfg.noise, noise_seed=seed))
   # One thread builds the next window while this one is consumed; Grain's
   # default read-ahead (16 threads, 500 elements) would tokenize half a
   # million examples ahead.
