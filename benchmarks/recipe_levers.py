@@ -22,10 +22,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 LEVERS = {
-    'baseline': {'train.freeze': '', 'model.compute_dtype': 'float32'},
-    'freeze_embedding': {'train.freeze': 'embedder/'},
-    'freeze_embedding_bf16': {'train.freeze': 'embedder/', 'model.compute_dtype': 'bfloat16'},
-    'bf16': {'train.freeze': '', 'model.compute_dtype': 'bfloat16'},
+    'baseline': {'train.freeze': '', 'model.loss_chunk': 0, 'model.loss_positions': 0.0},
+    'chunked_loss': {'train.freeze': '', 'model.loss_positions': 0.0},
+    'freeze_embedding': {'train.freeze': 'embedder/', 'model.loss_chunk': 0,
+                         'model.loss_positions': 0.0},
+    'freeze_chunked': {'train.freeze': 'embedder/', 'model.loss_positions': 0.0},
+    'freeze_chunked_targets': {'train.freeze': 'embedder/', 'model.loss_positions': 0.75},
+    'freeze_chunked_targets_bf16': {'train.freeze': 'embedder/', 'model.loss_positions': 0.75,
+                                    'model.compute_dtype': 'bfloat16'},
+    'lora8_targets': {'train.freeze': '', 'lora.rank': 8, 'model.loss_positions': 0.75},
 }
 
 

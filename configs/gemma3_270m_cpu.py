@@ -29,6 +29,7 @@ def get_config():
   c.train.checkpoint_every = 100_000
   c.train.keep_checkpoints = 1
   c.train.freeze = 'embedder/'
+  c.model.loss_positions = 0.75
   c.eval.max_decode_len = 64
   c.optim.learning_rate = 1e-4
   c.optim.warmup_steps = 20

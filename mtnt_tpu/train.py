@@ -97,6 +97,9 @@ def _check_config(c, mesh) -> None:
   if c.model.loss_chunk < 0:
     raise ValueError(f'config.model.loss_chunk={c.model.loss_chunk}: use tokens per chunk '
                      '(> 0), or 0 for whole logits')
+  if not 0 <= c.model.loss_positions <= 1 or (c.model.loss_positions and not c.model.loss_chunk):
+    raise ValueError(f'config.model.loss_positions={c.model.loss_positions}: a fraction of '
+                     'each row from 0 (off) to 1, and it needs config.model.loss_chunk > 0')
   if c.data.overlong not in ('truncate', 'drop'):
     raise ValueError(f"config.data.overlong={c.data.overlong!r}: use 'truncate' or 'drop'")
   for section, name in (('model', 'param_dtype'), ('model', 'compute_dtype'),
@@ -252,14 +255,16 @@ def lower_steps(run: Run):
       functools.partial(steps.train_step, model=run.model, optimizer=run.optimizer,
                         compute_dtype=run.compute_dtype,
                         accum_steps=run.config.optim.grad_accum_steps,
-                        loss_chunk=run.config.model.loss_chunk, freeze=run.freeze),
+                        loss_chunk=run.config.model.loss_chunk,
+                        loss_positions=run.config.model.loss_positions, freeze=run.freeze),
       in_shardings=(run.state_shardings, batch_shardings, run.frozen_shardings),
       out_shardings=(run.state_shardings, replicated),
       donate_argnums=(0,))
   # Evaluation reads plain weights (LoRA folded in), so it needs no adapters.
   evaluate = jax.jit(
       functools.partial(steps.eval_step, model=model_lib.make_model(run.model_config),
-                        compute_dtype=run.compute_dtype, loss_chunk=run.config.model.loss_chunk),
+                        compute_dtype=run.compute_dtype, loss_chunk=run.config.model.loss_chunk,
+                        loss_positions=run.config.model.loss_positions),
       in_shardings=(run.params_shardings, batch_shardings),
       out_shardings=replicated)
   return (train.lower(run.abstract_state, batch_spec, run.abstract_frozen),
