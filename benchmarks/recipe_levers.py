@@ -55,19 +55,20 @@ def time_lever(overrides: dict, steps: int, data_dir: str) -> float:
   c.data.dir = data_dir
   run = train.build(c)
   state = train.init_state(run, jax.random.key(0))
+  frozen = train.frozen_base(run)  # the LoRA base; {} otherwise
   train_step, _, _ = train.compile_steps(run)
   it = iter(pipeline.train_dataset(c.data, c.tokenizer.path, c.train.batch_size,
                                    pipeline.HostShard(0, 1)))
   batches = [pipeline.to_global(next(it), run.batch_sharding) for _ in range(steps + 1)]
-  state, m = train_step(state, batches[0], {})
+  state, m = train_step(state, batches[0], frozen)
   jax.block_until_ready(m)
   times = []
   for b in batches[1:]:
     t0 = time.perf_counter()
-    state, m = train_step(state, b, {})
+    state, m = train_step(state, b, frozen)
     jax.block_until_ready((state, m))
     times.append(time.perf_counter() - t0)
-  del state
+  del state, frozen
   gc.collect()
   return statistics.median(times)
 
