@@ -98,6 +98,7 @@ def _check_config(c, mesh) -> None:
       raise ValueError(f"config.{section}.{name}={c[section][name]!r}: use 'float32' or "
                        "'bfloat16'")
   lora_lib.LoraSpec.from_config(c.lora)
+  evaluate_lib.check_config(c)
   if c.model.checkpoint == '' and not c.model.variant.startswith('tiny'):
     raise ValueError(
         f'config.model.checkpoint is empty for {c.model.variant}: point it at the '
