@@ -186,8 +186,8 @@ def _generate(params, prompt_BP: jax.Array, length_B: jax.Array, rng: jax.Array,
 
 def _beam_search(params, prompt_BP: jax.Array, length_B: jax.Array, rng: jax.Array, *,
                  model, cache_constraint: Callable, compute_dtype, stop_ids: tuple[int, ...],
-                 max_decode_len: int, beam_size: int, length_penalty: float
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 max_decode_len: int, beam_size: int, length_penalty: float,
+                 mesh: jax.sharding.Mesh | None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The best hypothesis [B, T] per prompt (PAD after its stop token), its
   length-normalised score [B], and the number of steps run []."""
   del rng  # beam search is deterministic
@@ -210,11 +210,34 @@ def _beam_search(params, prompt_BP: jax.Array, length_B: jax.Array, rng: jax.Arr
   best_BT = jnp.full((B, T), tokenizer_lib.PAD, jnp.int32)
   state = (jnp.int32(0), rows(prompt_BP[:, -1]), alive_BK, tokens_BKT, best_B, best_BT, cache)
 
-  def reorder(x, parent_BK):
+  def extend(logits_BKV, alive_BK):
+    # The K best extensions of each beam (ranked by its logits, as greedy
+    # ranks them), then the K best of those K x K by total log-prob.
+    b = logits_BKV.shape[0]
+    top_BKK, token_BKK = jax.lax.top_k(logits_BKV, K)
+    logz_BK1 = jax.nn.logsumexp(logits_BKV.astype(jnp.float32), axis=-1, keepdims=True)
+    total_BKK = alive_BK[:, :, None] + (top_BKK.astype(jnp.float32) - logz_BK1)
+    score_BK, pick_BK = jax.lax.top_k(total_BKK.reshape(b, K * K), K)
+    token_BK = jnp.take_along_axis(token_BKK.reshape(b, K * K), pick_BK, axis=1)
+    return score_BK, pick_BK // K, token_BK
+
+  # Each prompt's choice is its own: on its rows' devices (XLA would gather
+  # the logits of every row to partition top_k).
+  rows_spec = PartitionSpec(sharding_lib.BATCH_AXES)
+  select = extend if mesh is None else jax.shard_map(
+      extend, mesh=mesh, in_specs=(rows_spec, rows_spec), out_specs=rows_spec)
+
+  def follow(parent_BK, tokens_RT, kv):
     # Row (b, k) takes row (b, parent[b, k]): a gather within each prompt's K rows.
-    x_BK = x.reshape(B, K, *x.shape[1:])
-    index = parent_BK.reshape(B, K, *(1,) * (x.ndim - 1))
-    return jnp.take_along_axis(x_BK, index, axis=1).reshape(x.shape)
+    b = parent_BK.shape[0]
+    def take(x):
+      x_BK = x.reshape(b, K, *x.shape[1:])
+      index = parent_BK.reshape(b, K, *(1,) * (x_BK.ndim - 2))
+      return jnp.take_along_axis(x_BK, index, axis=1).reshape(x.shape)
+    return take(tokens_RT), jax.tree.map(take, kv)
+
+  reorder = follow if mesh is None else jax.shard_map(
+      follow, mesh=mesh, in_specs=rows_spec, out_specs=rows_spec)
 
   def cond(state):
     t, _, alive_BK, _, best_B, _, _ = state
@@ -228,16 +251,14 @@ def _beam_search(params, prompt_BP: jax.Array, length_B: jax.Array, rng: jax.Arr
   def body(state):
     t, last_R, alive_BK, tokens_BKT, best_B, best_BT, cache = state
     logits_RV, cache = prompts.step(last_R, t, cache)
-    logits_BKV = logits_RV.reshape(B, K, -1)
-    # The K best extensions of each beam (ranked by its logits, as greedy
-    # ranks them), then the K best of those K x K by total log-prob.
-    top_BKK, token_BKK = jax.lax.top_k(logits_BKV, K)
-    logz_BK1 = jax.nn.logsumexp(logits_BKV.astype(jnp.float32), axis=-1, keepdims=True)
-    total_BKK = alive_BK[:, :, None] + (top_BKK.astype(jnp.float32) - logz_BK1)
-    score_BK, pick_BK = jax.lax.top_k(total_BKK.reshape(B, K * K), K)
-    parent_BK = pick_BK // K
-    token_BK = jnp.take_along_axis(token_BKK.reshape(B, K * K), pick_BK, axis=1)
-    tokens_BKT = jnp.take_along_axis(tokens_BKT, parent_BK[:, :, None], axis=1)
+    score_BK, parent_BK, token_BK = select(logits_RV.reshape(B, K, -1), alive_BK)
+    # The keys and values follow their beams; every row's write index is the same.
+    kv = {name: {k: v for k, v in layer.items() if k != 'end_index'}
+          for name, layer in cache.items()}
+    tokens_RT, kv = reorder(parent_BK, tokens_BKT.reshape(B * K, T), kv)
+    tokens_BKT = tokens_RT.reshape(B, K, T)
+    cache = cache_constraint({name: {**kv[name], 'end_index': layer['end_index']}
+                              for name, layer in cache.items()})
     tokens_BKT = jax.lax.dynamic_update_slice(tokens_BKT, token_BK[:, :, None], (0, 0, t))
     ended_BK = jnp.isin(token_BK, stop_S) & (score_BK > -jnp.inf)
     finished_BK = jnp.where(ended_BK, length_normalized(score_BK, t + 1, alpha), -jnp.inf)
@@ -247,7 +268,6 @@ def _beam_search(params, prompt_BP: jax.Array, length_B: jax.Array, rng: jax.Arr
     chosen_BT = jnp.take_along_axis(tokens_BKT, k_B[:, None, None], axis=1)[:, 0]
     best_BT = jnp.where(better_B[:, None], chosen_BT, best_BT)
     alive_BK = jnp.where(ended_BK, -jnp.inf, score_BK)
-    cache = cache_constraint(jax.tree.map(lambda x: reorder(x, parent_BK), cache))
     return t + 1, token_BK.reshape(B * K), alive_BK, tokens_BKT, best_B, best_BT, cache
 
   steps, _, alive_BK, tokens_BKT, best_B, best_BT, _ = jax.lax.while_loop(cond, body, state)
@@ -287,13 +307,15 @@ class Decoder:
     replicate_params: gather the weights onto every device once per call
       (None: when a copy takes at most REPLICATE_MEMORY_FRACTION of a device's
       memory; always on CPUs). False keeps the training shardings.
+    buckets: the compiled prompt lengths (default `prompt_buckets`).
   """
 
   def __init__(self, run, tokenizer: tokenizer_lib.Tokenizer, *, batch_size: int,
                max_prompt_len: int, max_decode_len: int, dst_lang: str = 'French',
                chat_template: bool = False, sampling: Sampling = Sampling(),
                beam_size: int = 1, length_penalty: float = 0.6,
-               replicate_params: bool | None = None):
+               replicate_params: bool | None = None,
+               buckets: Sequence[int] | None = None):
     if max_prompt_len < 2 or max_decode_len < 1:
       raise ValueError(f'max_prompt_len={max_prompt_len} must be >= 2 and '
                        f'max_decode_len={max_decode_len} >= 1')
@@ -309,7 +331,10 @@ class Decoder:
     divisor = sharding_lib.batch_divisor(run.mesh)
     self.batch_size = -(-batch_size // divisor) * divisor
     self.max_prompt_len, self.max_decode_len = max_prompt_len, max_decode_len
-    self.buckets = prompt_buckets(max_prompt_len)
+    self.buckets = tuple(sorted(buckets)) if buckets else prompt_buckets(max_prompt_len)
+    if self.buckets[-1] != max_prompt_len or self.buckets[0] < 1:
+      raise ValueError(f'buckets={self.buckets}: prompt lengths from 1 up to '
+                       f'max_prompt_len={max_prompt_len}, which must be the last')
     self.tokenizer = tokenizer
     self.dst_lang, self.chat_template = dst_lang, chat_template
     self.sampling = sampling
@@ -347,7 +372,7 @@ class Decoder:
                   stop_ids=self.stop_ids, max_decode_len=max_decode_len)
     if beam_size > 1:
       self._fn = functools.partial(_beam_search, beam_size=beam_size,
-                                   length_penalty=length_penalty, **common)
+                                   length_penalty=length_penalty, mesh=mesh, **common)
     else:
       self._fn = functools.partial(_generate, sampling=sampling, **common)
     self._compiled: dict[int, Any] = {}
@@ -381,7 +406,7 @@ class Decoder:
 
   def compile_for(self, prompts: Sequence[Sequence[int]]) -> None:
     """Compiles, now, every bucket `generate(params, prompts)` will use."""
-    for batch in self._batches(prompts):
+    for batch in self.batch_order(prompts):
       self.executable(self.bucket(max(len(prompts[i]) for i in batch)))
 
   def prepare(self, params):
@@ -411,7 +436,8 @@ class Decoder:
                     line, len(ids), self.max_prompt_len, keep, len(src_ids))
     return cut[-self.max_prompt_len:]  # only if even the bare template is too long
 
-  def _batches(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+  def batch_order(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The prompt indices of each batch `generate` decodes."""
     # Shortest first: a batch runs until its longest answer ends and pads to
     # its longest prompt's bucket, and answers grow with their sources.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -427,7 +453,7 @@ class Decoder:
     prepared = self.prepare(params)
     out: list[list[int]] = [[] for _ in prompts]
     results = []
-    for batch_index, rows in enumerate(self._batches(prompts)):
+    for batch_index, rows in enumerate(self.batch_order(prompts)):
       result = self.run_batch(prepared, [prompts[i] for i in rows], batch_index)
       for i, ids in zip(rows, result.tokens):
         out[i] = ids
@@ -437,6 +463,26 @@ class Decoder:
   def run_batch(self, prepared, prompts: Sequence[Sequence[int]], batch_index: int = 0
                 ) -> Batch:
     """Decodes up to batch_size prompts with `prepare`d weights."""
+    prompt_BP, length_B = self.layout(prompts)
+    rng = jax.random.key_data(jax.random.fold_in(jax.random.key(self.sampling.seed),
+                                                 batch_index))
+    outputs = self.executable(prompt_BP.shape[1])(
+        prepared, _global(prompt_BP, self._prompt_sharding),
+        _global(length_B, self._length_sharding), _global(np.asarray(rng), self._replicated))
+    # Replicated: every process holds the whole array on each of its devices.
+    outputs = [np.asarray(x.addressable_data(0)) for x in outputs]
+    tokens_BT, steps = outputs[0], int(outputs[-1])
+    stops = set(self.stop_ids)
+    tokens = []
+    for r in range(len(prompts)):
+      row = tokens_BT[r].tolist()
+      end = next((i for i, t in enumerate(row) if t in stops), len(row))
+      tokens.append(row[:end])
+    scores = outputs[1][:len(prompts)].tolist() if self.beam_size > 1 else None
+    return Batch(tokens, scores, steps)
+
+  def layout(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts left-padded to their bucket [B, P] (filler rows empty), and lengths [B]."""
     B = self.batch_size
     if not 0 < len(prompts) <= B:
       raise ValueError(f'{len(prompts)} prompts for a batch of {B}')
@@ -451,22 +497,7 @@ class Decoder:
       if ids:
         prompt_BP[r, P - len(ids):] = ids
       length_B[r] = len(ids)
-    rng = jax.random.key_data(jax.random.fold_in(jax.random.key(self.sampling.seed),
-                                                 batch_index))
-    outputs = self.executable(P)(
-        prepared, _global(prompt_BP, self._prompt_sharding),
-        _global(length_B, self._length_sharding), _global(np.asarray(rng), self._replicated))
-    # Replicated: every process holds the whole array on each of its devices.
-    outputs = [np.asarray(x.addressable_data(0)) for x in outputs]
-    tokens_BT, steps = outputs[0], int(outputs[-1])
-    stops = set(self.stop_ids)
-    tokens = []
-    for r in range(len(prompts)):
-      row = tokens_BT[r].tolist()
-      end = next((i for i, t in enumerate(row) if t in stops), len(row))
-      tokens.append(row[:end])
-    scores = outputs[1][:len(prompts)].tolist() if self.beam_size > 1 else None
-    return Batch(tokens, scores, steps)
+    return prompt_BP, length_B
 
   # --- text ------------------------------------------------------------------
 

@@ -77,9 +77,12 @@ class Evaluator:
       self._signatures_logged = False
 
   def __call__(self, params, step: int) -> dict[str, float]:
+    t0 = time.perf_counter()
     scores = self._loss(params)
+    scores['eval_loss_seconds'] = time.perf_counter() - t0
     if self._decoder is not None:
       scores.update(self._quality(params, step))
+    scores['eval_seconds'] = time.perf_counter() - t0
     return scores
 
   def _loss(self, params) -> dict[str, float]:
@@ -113,13 +116,14 @@ class Evaluator:
 
 def check_config(c) -> None:
   """config.eval's decoding fields, checked before anything compiles."""
+  # .get: a workdir's config.json from before these fields existed still loads.
   e = c.eval
-  if e.decode_batch_size < 1:
+  if e.get('decode_batch_size', 1) < 1:
     raise ValueError(f'config.eval.decode_batch_size={e.decode_batch_size}: use 1 or more '
                      'sentences per decoded batch')
-  if e.beam_size < 1:
+  if e.get('beam_size', 1) < 1:
     raise ValueError(f'config.eval.beam_size={e.beam_size}: use 1 (greedy) or more beams')
-  if e.length_penalty < 0:
+  if e.get('length_penalty', 0) < 0:
     raise ValueError(f'config.eval.length_penalty={e.length_penalty}: use alpha >= 0 '
                      '(0: no length penalty)')
 
