@@ -77,6 +77,13 @@ def get_config() -> ml_collections.ConfigDict:
   # with sacrebleu. 0 turns decoding off; -1 decodes the whole split.
   c.eval.decode_examples = -1
   c.eval.max_decode_len = 64  # new tokens per translation
+  # Sentences per decoded batch (rounded up to the mesh's batch axes), apart
+  # from the train batch: decoding is memory-bound, so larger batches are faster.
+  c.eval.decode_batch_size = 64
+  # 1: greedy. K > 1: beam search over K hypotheses per sentence, scored
+  # log P / ((5 + len) / 6) ** length_penalty (GNMT; 0 = no penalty).
+  c.eval.beam_size = 1
+  c.eval.length_penalty = 0.6
   c.eval.num_logged_examples = 8  # source/reference/hypothesis triples per eval
   c.eval.best_metric = 'eval_bleu'  # checkpoints/best keeps the best by this
   c.eval.best_mode = 'max'

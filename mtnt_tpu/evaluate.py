@@ -1,14 +1,17 @@
 """Evaluation over the eval split: loss and token accuracy, BLEU and chrF.
 
-Eval batches are tokenized once and cached on the host; each eval runs the
-jitted eval step over all of them and adds up sums, so the loss is exact for
-the split whatever the batch size or host count.
+Eval rows are tokenized once, packed as training packs them (several
+examples per row when config.data.packing), and cached on the host; each eval
+runs the jitted eval step over all of them and adds up sums, so the loss is
+exact for the split whatever the packing, batch size or host count.
 
 Translation quality (config.eval.decode_examples != 0): the split's sources
-(all, or the first N) are greedy-decoded with `decode.Decoder` on the training
-mesh, compiled once, and scored with sacrebleu's corpus BLEU and chrF. Every
-process decodes the same global batches and receives every hypothesis, so
-every process computes the same scores (the best-checkpoint decision in
+(all, or the first N) are decoded with `decode.Decoder` on the training mesh
+(greedy, or beam search with config.eval.beam_size > 1), in batches of
+config.eval.decode_batch_size, and scored with sacrebleu's corpus BLEU and
+chrF. The prompt-length buckets the split needs are compiled at start-up.
+Every process decodes the same global batches and receives every hypothesis,
+so every process computes the same scores (the best-checkpoint decision in
 train.py must agree across processes); only process 0 writes
 WORKDIR/samples/step_N.txt.
 """
@@ -45,6 +48,7 @@ class Evaluator:
 
   def __init__(self, run, eval_step, workdir: str):
     c = run.config
+    check_config(c)
     shard = pipeline.HostShard.current()
     self._batches = list(pipeline.eval_batches(c.data, run.tokenizer, run.local_batch, shard,
                                                chat_template=c.model.chat_template))
@@ -56,23 +60,29 @@ class Evaluator:
       pairs = eval_pairs(c.data, c.eval.decode_examples)
       self._sources = [p.src for p in pairs]
       self._references = [p.dst for p in pairs]
-      t0 = time.perf_counter()
       self._decoder = decode_lib.Decoder(
-          run, run.tokenizer, batch_size=c.train.batch_size, max_prompt_len=c.data.max_len,
-          max_decode_len=c.eval.max_decode_len, dst_lang=c.data.dst_lang,
-          chat_template=c.model.chat_template)
+          run, run.tokenizer, batch_size=c.eval.decode_batch_size,
+          max_prompt_len=c.data.max_len, max_decode_len=c.eval.max_decode_len,
+          dst_lang=c.data.dst_lang, chat_template=c.model.chat_template,
+          beam_size=c.eval.beam_size, length_penalty=c.eval.length_penalty)
       self._prompts = self._decoder.encode_prompts(self._sources)
-      logging.info('compiled the decoder (batch %d, prompt %d, new tokens %d) in %.1fs; '
-                   '%d eval examples to translate', self._decoder.batch_size,
-                   c.data.max_len, c.eval.max_decode_len, time.perf_counter() - t0,
+      self._decoder.compile_for(self._prompts)
+      d = self._decoder
+      logging.info('compiled the decoder (batch %d, beam %d, prompt buckets %s, new tokens %d, '
+                   'weights %s) in %.1fs; %d eval examples to translate', d.batch_size,
+                   d.beam_size, d.buckets, c.eval.max_decode_len,
+                   'replicated' if d.replicate_params else 'sharded', d.compile_seconds,
                    len(self._sources))
       self._bleu, self._chrf = BLEU(), CHRF()
       self._signatures_logged = False
 
   def __call__(self, params, step: int) -> dict[str, float]:
+    t0 = time.perf_counter()
     scores = self._loss(params)
+    scores['eval_loss_seconds'] = time.perf_counter() - t0
     if self._decoder is not None:
       scores.update(self._quality(params, step))
+    scores['eval_seconds'] = time.perf_counter() - t0
     return scores
 
   def _loss(self, params) -> dict[str, float]:
@@ -102,6 +112,20 @@ class Evaluator:
                     [Sample(*x) for x in zip(self._sources[:n], self._references[:n],
                                              hypotheses[:n])])
     return {'eval_bleu': bleu.score, 'eval_chrf': chrf.score, 'eval_decode_seconds': decode_s}
+
+
+def check_config(c) -> None:
+  """config.eval's decoding fields, checked before anything compiles."""
+  # .get: a workdir's config.json from before these fields existed still loads.
+  e = c.eval
+  if e.get('decode_batch_size', 1) < 1:
+    raise ValueError(f'config.eval.decode_batch_size={e.decode_batch_size}: use 1 or more '
+                     'sentences per decoded batch')
+  if e.get('beam_size', 1) < 1:
+    raise ValueError(f'config.eval.beam_size={e.beam_size}: use 1 (greedy) or more beams')
+  if e.get('length_penalty', 0) < 0:
+    raise ValueError(f'config.eval.length_penalty={e.length_penalty}: use alpha >= 0 '
+                     '(0: no length penalty)')
 
 
 def eval_pairs(data_cfg, num_examples: int) -> list[records.Pair]:

@@ -110,6 +110,7 @@ def _check_config(c, mesh) -> None:
   if lora_lib.LoraSpec.from_config(c.lora) and optim.Freeze.from_config(c.train.freeze):
     raise ValueError('config.train.freeze is for full fine-tuning; with config.lora.rank > 0 '
                      'only the adapters train already: set one of them')
+  evaluate_lib.check_config(c)
   if c.model.checkpoint == '' and not c.model.variant.startswith('tiny'):
     raise ValueError(
         f'config.model.checkpoint is empty for {c.model.variant}: point it at the '

@@ -33,8 +33,13 @@ def define_flags() -> None:
   flags.DEFINE_string('output', None, 'Translations, one per line; default: stdout.')
   flags.DEFINE_string('reference', None,
                       'Reference translations, line for line: print BLEU and chrF.')
-  flags.DEFINE_integer('batch_size', 32, 'Sentences per decoded batch (rounded up to a '
-                       'multiple of the local device count).')
+  flags.DEFINE_integer('batch_size', None, 'Sentences per decoded batch (rounded up to a '
+                       'multiple of the local device count). Default: '
+                       'config.eval.decode_batch_size.')
+  flags.DEFINE_integer('beam_size', None, '1: greedy (or sampled); K > 1: beam search over K '
+                       'hypotheses per line. Default: config.eval.beam_size.')
+  flags.DEFINE_float('length_penalty', None, 'Beam search scores log P / ((5 + len) / 6) ** '
+                     'this (0: none). Default: config.eval.length_penalty.')
   flags.DEFINE_integer('max_decode_len', None,
                        'New tokens per line; default: config.eval.max_decode_len.')
   flags.DEFINE_integer('max_prompt_len', None, 'Prompt tokens per line; a longer source is '
@@ -72,13 +77,15 @@ class _Progress:
 
 def translate_lines(trained: workdir_lib.Trained, lines: list[str], out: TextIO, *,
                     batch_size: int, max_prompt_len: int, max_decode_len: int,
-                    sampling: decode_lib.Sampling) -> list[str]:
+                    sampling: decode_lib.Sampling, beam_size: int = 1,
+                    length_penalty: float = 0.6) -> list[str]:
   """Writes one translation per line to `out` as each batch finishes; returns them."""
   c = trained.run.config
   decoder = decode_lib.Decoder(
       trained.run, trained.run.tokenizer, batch_size=batch_size,
       max_prompt_len=max_prompt_len, max_decode_len=max_decode_len, dst_lang=c.data.dst_lang,
-      chat_template=c.model.chat_template, sampling=sampling)
+      chat_template=c.model.chat_template, sampling=sampling, beam_size=beam_size,
+      length_penalty=length_penalty)
   progress = _Progress(len(lines))
   hypotheses = []
   for batch in decoder.translate_batches(trained.params, lines):
@@ -88,6 +95,25 @@ def translate_lines(trained: workdir_lib.Trained, lines: list[str], out: TextIO,
     progress.update(len(batch))
   progress.close()
   return hypotheses
+
+
+def _decoding_options(config) -> dict:
+  """batch_size, beam_size, length_penalty: the flag, else the workdir's config.eval
+  (a workdir trained before these fields existed gets today's defaults)."""
+  out = {}
+  for name, field, default in (('batch_size', 'decode_batch_size', 64),
+                               ('beam_size', 'beam_size', 1),
+                               ('length_penalty', 'length_penalty', 0.6)):
+    flag = getattr(FLAGS, name)
+    out[name] = flag if flag is not None else config.eval.get(field, default)
+  if out['batch_size'] < 1 or out['beam_size'] < 1 or out['length_penalty'] < 0:
+    raise ValueError(f'--batch_size={out["batch_size"]}, --beam_size={out["beam_size"]}, '
+                     f'--length_penalty={out["length_penalty"]}: use a batch and a beam of '
+                     'at least 1 and a penalty >= 0')
+  if out['beam_size'] > 1 and FLAGS.temperature > 0:
+    raise ValueError(f'--beam_size={out["beam_size"]} with --temperature={FLAGS.temperature}: '
+                     'beam search is deterministic; pass one of them')
+  return out
 
 
 def main(argv):
@@ -100,6 +126,7 @@ def main(argv):
     config = workdir_lib.load_config(FLAGS.workdir)
     workdir_lib.use_cpu_devices(config)
     sampling = decode_lib.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.seed)
+    decoding = _decoding_options(config)
     lines = _read_lines(FLAGS.input)
     references = _read_lines(FLAGS.reference) if FLAGS.reference else None
     if references is not None and len(references) != len(lines):
@@ -113,9 +140,9 @@ def main(argv):
         f'{os.path.join(FLAGS.workdir, trained.origin)}', file=sys.stderr)
   try:
     hypotheses = translate_lines(
-        trained, lines, out, batch_size=FLAGS.batch_size,
-        max_prompt_len=FLAGS.max_prompt_len or config.data.max_len,
-        max_decode_len=FLAGS.max_decode_len or config.eval.max_decode_len, sampling=sampling)
+        trained, lines, out, max_prompt_len=FLAGS.max_prompt_len or config.data.max_len,
+        max_decode_len=FLAGS.max_decode_len or config.eval.max_decode_len, sampling=sampling,
+        **decoding)
   finally:
     if out is not sys.stdout:
       out.close()

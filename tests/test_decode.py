@@ -1,7 +1,9 @@
 """The sharded KV-cache decoder, and BLEU/chrF in the training loop."""
 
+import functools
 import json
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,9 +14,11 @@ from mtnt_tpu import decode
 from mtnt_tpu import evaluate
 from mtnt_tpu import model as model_lib
 from mtnt_tpu import tokenizer as tokenizer_lib
+from mtnt_tpu import train
 from mtnt_tpu import workdir as workdir_lib
 from mtnt_tpu.data import pipeline
 from mtnt_tpu.data import records
+from tests import helpers
 from tests import trained_run
 
 P, T = 40, 24  # the decoder under test: prompt tokens, new tokens
@@ -162,3 +166,148 @@ def test_training_logs_bleu_chrf_and_samples_at_every_eval(trained):
   assert len(samples) == 16 and all(s.source and s.reference for s in samples)
   assert sorted(p.name for p in (wd / 'samples').iterdir()) == [
       'step_0.txt', 'step_100.txt', 'step_50.txt']
+
+
+# --- speed: buckets, early stop, one gather per call --------------------------
+
+
+def _loop_ops(hlo: str) -> str:
+  """The text of every computation a while loop runs (bodies, conditions, and what they call)."""
+  comps, name = {}, None
+  for line in hlo.splitlines():
+    m = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{$', line)
+    if m:
+      name = m.group(1)
+      comps[name] = []
+    elif name is not None:
+      comps[name].append(line)
+  called = lambda text: set(re.findall(
+      r'(?:condition|body|to_apply|calls|branch_computations)=\{?%?([\w.\-]+)', text))
+  todo = set().union(*(called(l) for lines in comps.values() for l in lines if ' while(' in l))
+  seen = set()
+  while todo:
+    c = todo.pop()
+    if c in seen or c not in comps:
+      continue
+    seen.add(c)
+    todo |= called('\n'.join(comps[c]))
+  assert seen, 'the program has a while loop'
+  return '\n'.join(l for c in seen for l in comps[c])
+
+
+@pytest.mark.parametrize('beam_size', [1, 3])
+def test_token_loop_reads_replicated_weights_without_gathers(trained, beam_size):
+  _, tr = trained
+  assert tr.run.mesh.shape['fsdp'] == 8  # the weights train sharded over 8 devices
+  loops = {}
+  for replicate in (True, False):
+    d = decode.Decoder(tr.run, tr.run.tokenizer, batch_size=8, max_prompt_len=P,
+                       max_decode_len=T, beam_size=beam_size, replicate_params=replicate)
+    loops[replicate] = _loop_ops(d.executable(d.buckets[0]).as_text())
+  assert 'all-gather' not in loops[True]
+  # The training shardings re-gather the weights at every token: what replication saves.
+  assert 'all-gather' in loops[False]
+
+
+def test_decoding_stops_when_every_row_has_ended(trained, decoder, prompts):
+  _, tr = trained
+  tokens, batches = decoder.generate_batches(tr.params, prompts)
+  assert len(batches) == 2
+  for batch in batches:
+    # Each row's answer is its tokens and a stop token; none ran to T.
+    assert max(len(t) for t in batch.tokens) + 1 == batch.steps < T
+
+
+def test_prompts_compile_per_bucket_once(trained, prompts):
+  _, tr = trained
+  d = decode.Decoder(tr.run, tr.run.tokenizer, batch_size=8, max_prompt_len=P,
+                     max_decode_len=T)
+  assert d.buckets == (16, 32, P) and not d._compiled, 'compiled lazily'
+  d.generate(tr.params, prompts)
+  # Each batch (shortest prompts first) pads to the smallest bucket its longest prompt fits.
+  want = {d.bucket(max(len(prompts[i]) for i in rows)) for rows in d.batch_order(prompts)}
+  assert set(d._compiled) == want
+  spent = d.compile_seconds
+  d.generate(tr.params, prompts)
+  d.translate(tr.params, ['The boys read the newspapers.'])
+  assert d.compile_seconds == spent, 'buckets compiled once are reused'
+
+
+# --- beam search ---------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _log_probs_fn(model_config):
+  """log-probs [1, P + T, V] of an unpadded sequence (right padding masked), one compile."""
+  model = model_lib.make_model(model_config)
+  L = P + T
+  return jax.jit(lambda params, ids: jax.nn.log_softmax(model_lib.forward(
+      model, params, ids, jnp.arange(L)[None], (ids != tokenizer_lib.PAD).astype(jnp.int32))))
+
+
+def _score(tr, prompt, answer, alpha):
+  """Length-normalised log-probability of `answer` (stop token included) after `prompt`."""
+  ids = np.zeros((1, P + T), np.int32)
+  ids[0, :len(prompt) + len(answer)] = list(prompt) + list(answer)
+  logp = np.asarray(_log_probs_fn(tr.run.model_config)(tr.params, ids)[0])
+  total = sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(answer))
+  return float(decode.length_normalized(total, len(answer), alpha))
+
+
+def _beam_decoder(tr, beam_size, length_penalty=0.6):
+  return decode.Decoder(tr.run, tr.run.tokenizer, batch_size=8, max_prompt_len=P,
+                        max_decode_len=T, beam_size=beam_size, length_penalty=length_penalty)
+
+
+def test_beam_search_of_one_beam_is_greedy_decoding(trained, decoder, prompts):
+  _, tr = trained
+  beam = _beam_decoder(tr, 1)
+  # beam_size=1 runs the plain loop: run beam search itself with one beam.
+  fn = jax.jit(functools.partial(
+      decode._beam_search, model=model_lib.make_model(tr.run.model_config),
+      cache_constraint=lambda c: c, compute_dtype=jnp.float32, stop_ids=beam.stop_ids,
+      max_decode_len=T, beam_size=1, length_penalty=0.6, mesh=None))
+  greedy = decoder.generate(tr.params, prompts)
+  rng = jax.random.key_data(jax.random.key(0))
+  for start in (0, 8):
+    chunk = prompts[start:start + 8]
+    prompt_BP, length_B = decoder.layout(chunk)
+    tokens_BT, _, _ = fn(decoder.prepare(tr.params), prompt_BP, length_B, rng)
+    for r, want in enumerate(greedy[start:start + 8]):
+      row = np.asarray(tokens_BT[r]).tolist()
+      assert row[:len(want)] == want and row[len(want)] in decoder.stop_ids
+
+
+def test_beam_search_decodes_each_sentence_the_same_alone_or_in_a_batch(trained, prompts):
+  _, tr = trained
+  beam = _beam_decoder(tr, 4)
+  together = beam.generate(tr.params, prompts)
+  alone = [beam.generate(tr.params, [p])[0] for p in prompts]
+  assert together == alone and all(together)
+
+
+@pytest.mark.parametrize('alpha', [0.0, 0.6])
+def test_beam_search_never_scores_below_greedy(trained, decoder, prompts, alpha):
+  _, tr = trained
+  beam = _beam_decoder(tr, 4, alpha)
+  got, batches = beam.generate_batches(tr.params, prompts)
+  scores = dict(zip((i for b in beam.batch_order(prompts) for i in b),
+                    (s for b in batches for s in b.scores)))
+  greedy = _greedy_without_cache(tr, prompts, decoder.stop_ids)
+  differ = 0
+  for i, (p, g, b) in enumerate(zip(prompts, greedy, got)):
+    # The beam's own score is the model's for its answer and some stop token.
+    assert min(abs(_score(tr, p, b + [s], alpha) - scores[i]) for s in beam.stop_ids) < 1e-4
+    assert scores[i] >= _score(tr, p, g, alpha) - 1e-5
+    differ += b != g[:-1]
+  assert differ, 'beam search found a better translation than greedy for some sentence'
+
+
+def test_bad_decoding_options_are_one_line_errors(trained):
+  _, tr = trained
+  with pytest.raises(ValueError, match='beam search is deterministic'):
+    decode.Decoder(tr.run, tr.run.tokenizer, batch_size=8, max_prompt_len=P, max_decode_len=T,
+                   beam_size=2, sampling=decode.Sampling(temperature=1.0))
+  for field, value in (('beam_size', 0), ('decode_batch_size', 0), ('length_penalty', -1.0)):
+    with pytest.raises(train.ConfigError, match=f'config.eval.{field}={value}'):
+      train.build(helpers.tiny_config(**{f'eval.{field}': value}))

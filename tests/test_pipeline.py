@@ -135,15 +135,18 @@ def test_hosts_must_divide_the_shards():
     pipeline.train_dataset(cfg.data, cfg.tokenizer.path, 16, pipeline.HostShard(0, 2))
 
 
-def test_eval_batches_cover_the_split_once_on_any_host_count():
-  cfg = helpers.tiny_config()
+@pytest.mark.parametrize('packing', [True, False])
+def test_eval_batches_cover_the_split_once_on_any_host_count(packing):
+  cfg = helpers.tiny_config(**{'data.packing': packing})
   tok = tokenizer_lib.Tokenizer(cfg.tokenizer.path)
   n = len(pipeline.source(cfg.data.dir, 'valid'))
   for hosts in (1, 3):
     per_host = [list(pipeline.eval_batches(cfg.data, tok, 8, pipeline.HostShard(p, hosts)))
                 for p in range(hosts)]
     assert len({len(b) for b in per_host}) == 1, 'same batch count on every host'
-    ids = [i for bs in per_host for b in bs for i in b['index'][:, 0].tolist() if i >= 0]
+    # Each example once: its tokens form one segment of one row.
+    ids = [int(i) for bs in per_host for b in bs for row, seg in zip(b['index'], b['segment_ids'])
+           for s in range(1, seg.max() + 1) for i in set(row[seg == s].tolist())]
     assert sorted(ids) == list(range(n))
 
 

@@ -262,22 +262,26 @@ def train_dataset(data_cfg, tokenizer_path: str, batch_size: int,
 
 def eval_batches(data_cfg, tok: tokenizer_lib.Tokenizer, local_batch: int,
                  shard: HostShard, chat_template: bool = False) -> Iterator[dict]:
-  """The whole eval split, one example per row, truncated never dropped.
+  """The whole eval split, truncated never dropped, packed as training packs it.
 
-  Every process yields the same number of batches (padding rows have mask 0),
-  so the global arrays line up across hosts whatever the split size.
+  With config.data.packing, each process packs its examples (every
+  `count`-th, from its index) into full rows, first-fit decreasing over all of
+  them; without, one example per row. Every process yields the same number of
+  batches (padding rows have mask 0), so the global arrays line up across
+  hosts whatever the split size: each process packs every host's share to
+  count them (the eval split is small; no collective needed).
   """
   src = source(data_cfg.dir, data_cfg.eval_split)
-  n = len(src)
-  per_host = -(-n // shard.count)
-  num_batches = -(-per_host // local_batch)
-  mine = list(range(shard.index, n, shard.count))
   L = data_cfg.max_len
+  examples = [dataclasses.asdict(tokenize_example(tok, i, src[i], data_cfg.dst_lang, L,
+                                                  chat_template))
+              for i in range(len(src))]
+  rows_of = lambda host: (pack_rows(examples[host::shard.count], L) if data_cfg.packing
+                          else [_pad_row(ex, L) for ex in examples[host::shard.count]])
+  rows = rows_of(shard.index)
+  most = max([len(rows)] + [len(rows_of(h)) for h in range(shard.count) if h != shard.index])
+  num_batches = -(-most // local_batch)
   empty = {k: np.zeros(L, np.int32) for k in MODEL_KEYS} | {'index': np.full(L, -1, np.int32)}
-  rows = []
-  for i in mine:
-    ex = tokenize_example(tok, i, src[i], data_cfg.dst_lang, L, chat_template)
-    rows.append(_pad_row(dataclasses.asdict(ex), L))
   rows += [empty] * (num_batches * local_batch - len(rows))
   for b in range(num_batches):
     chunk = rows[b * local_batch:(b + 1) * local_batch]

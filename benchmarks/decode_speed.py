@@ -1,0 +1,152 @@
+"""Decoding speed: mtnt_tpu's Decoder vs gemma's classic Sampler, same sentences, same model.
+
+    uv run python benchmarks/decode_speed.py --checkpoint DIR --tokenizer FILE \
+        --source /work/shared/data/multi30k/val.en [--sentences 200] [--batch_size 64] [--before]
+
+Loads a Kaggle-layout Gemma checkpoint (--variant) on this host's devices,
+takes the first --sentences lines of --source, and decodes them greedily (the
+plain prompt, at most --max_decode_len new tokens), shortest prompts first, in
+batches of --batch_size, with:
+
+- `decode.Decoder` as evaluation and `translate` use it (prompt buckets,
+  weights prepared once, stops when every row has ended);
+- with --before, the Decoder with one prompt length (max_prompt_len) as it
+  was before prompt buckets;
+- gemma's `gemma.sampler.Sampler` (gemma 2.0.8), fed the same prompt ids,
+  with `return_logits=False` (its default, True, keeps a [B, L, vocab] fp32
+  buffer and copies it into Python lists: at 262k pieces that, not decoding,
+  is most of its time and memory).
+
+The contenders take turns batch by batch, so the machine's other load falls
+on each alike. Times are wall-clock with compiles included (the Decoder's
+compile time is also given alone). Answers are compared as text, each cut at
+its first newline as `translate` writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from typing import Callable
+
+import jax
+from gemma import sampler as gemma_sampler
+from gemma import transformer as gemma_transformer
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import common  # noqa: E402  (the repository root, for configs/)
+from mtnt_tpu import decode as decode_lib
+from mtnt_tpu import model as model_lib
+from mtnt_tpu import tokenizer as tokenizer_lib
+from mtnt_tpu import train
+
+
+def _load(args):
+  tok = tokenizer_lib.Tokenizer(args.tokenizer)
+  c = common.get_config()
+  c.model.variant, c.model.checkpoint, c.tokenizer.path = args.variant, args.checkpoint, args.tokenizer
+  c.train.batch_size = jax.local_device_count()
+  run = train.build(c, jax.local_devices(), vocab_size=tok.vocab_size)
+  run = dataclasses.replace(run, tokenizer=tok)
+  return run, model_lib.load_kaggle_params(args.checkpoint, run.abstract_params)
+
+
+@dataclasses.dataclass
+class _Contender:
+  name: str
+  decode: Callable[[list[int]], list[str]]  # prompt indices -> answers
+  seconds: float = 0.0  # compiles included
+  compile_seconds: float | None = None
+  answers: dict = dataclasses.field(default_factory=dict)
+
+
+def _decoder(run, params, prompts, args, name, **options) -> _Contender:
+  t0 = time.perf_counter()
+  d = decode_lib.Decoder(run, run.tokenizer, max_prompt_len=args.max_prompt_len,
+                         max_decode_len=args.max_decode_len, **options)
+  d.compile_for(prompts)
+  prepared = d.prepare(params)
+  jax.block_until_ready(prepared)
+  c = _Contender(name.format(batch=d.batch_size, buckets=d.buckets),
+                 lambda rows: [d.detokenize(x) for x in
+                               d.run_batch(prepared, [prompts[i] for i in rows]).tokens])
+  c.seconds = time.perf_counter() - t0
+  c.compile_seconds = d.compile_seconds
+  return c
+
+
+def _sampler(run, params, prompts, args) -> _Contender:
+  """gemma's Sampler over the same prompts (it adds BOS to the text itself)."""
+  tok = run.tokenizer
+  s = gemma_sampler.Sampler(gemma_transformer.Transformer(run.model_config), tok.processor,
+                            params, cache_length=args.max_prompt_len + args.max_decode_len)
+  texts = [tok.decode(p[1:]) for p in prompts]
+  assert all(list(s.tokenize(t)) == p for t, p in zip(texts, prompts)), 'the same prompt ids'
+  def decode(rows):
+    result = s([texts[i] for i in rows], total_generation_steps=args.max_decode_len,
+               return_logits=False)
+    return [tokenizer_lib.cut_answer(t).strip() for t in result.text]
+  return _Contender(f'gemma.sampler.Sampler, batch {args.batch_size}, return_logits=False',
+                    decode)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument('--checkpoint', required=True, help='Kaggle-layout orbax checkpoint dir')
+  ap.add_argument('--tokenizer', required=True)
+  ap.add_argument('--variant', default='gemma3_270m')
+  ap.add_argument('--source', required=True, help='one English sentence per line')
+  ap.add_argument('--sentences', type=int, default=200)
+  ap.add_argument('--batch_size', type=int, default=64)
+  ap.add_argument('--max_prompt_len', type=int, default=128)
+  ap.add_argument('--max_decode_len', type=int, default=64)
+  ap.add_argument('--before', action='store_true', help='also time the Decoder as it was')
+  args = ap.parse_args()
+  with open(args.source, encoding='utf-8') as f:
+    sources = f.read().splitlines()[:args.sentences]
+  run, params = _load(args)
+  print(f'{len(sources)} sentences, {args.variant} ({jax.numpy.dtype(run.compute_dtype).name} '
+        f'compute), {jax.local_device_count()} {jax.devices()[0].platform} device(s), greedy, '
+        f'{args.max_decode_len} new tokens at most', flush=True)
+  prompts = decode_lib.Decoder(run, run.tokenizer, batch_size=args.batch_size,
+                               max_prompt_len=args.max_prompt_len,
+                               max_decode_len=args.max_decode_len).encode_prompts(sources)
+  contenders = [_decoder(run, params, prompts, args,
+                         'mtnt_tpu Decoder, batch {batch}, prompt buckets {buckets}',
+                         batch_size=args.batch_size)]
+  if args.before:
+    contenders.append(_decoder(
+        run, params, prompts, args, 'mtnt_tpu Decoder as before: batch {batch}, one prompt '
+        'length {buckets}', batch_size=args.batch_size, buckets=(args.max_prompt_len,)))
+  contenders.append(_sampler(run, params, prompts, args))
+  # Batch by batch in turn, so the machine's other load falls on every contender alike.
+  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+  for start in range(0, len(order), args.batch_size):
+    rows = order[start:start + args.batch_size]
+    for c in contenders:
+      t0 = time.perf_counter()
+      c.answers.update(zip(rows, c.decode(rows)))
+      c.seconds += time.perf_counter() - t0
+    print(f'{start + len(rows)}/{len(prompts)} sentences: ' +
+          ', '.join(f'{c.seconds:.1f}s' for c in contenders), flush=True)
+
+  first, sampler = contenders[0], contenders[-1]
+  print('\n| decoder | seconds (compiles included) | of which compiling | sentences/s | '
+        'Sampler time / this | answers equal to the Decoder\'s |')
+  print('|---|---:|---:|---:|---:|---:|')
+  for c in contenders:
+    same = sum(c.answers[i] == first.answers[i] for i in range(len(prompts)))
+    compile_s = '' if c.compile_seconds is None else f'{c.compile_seconds:.1f}'
+    print(f'| {c.name} | {c.seconds:.1f} | {compile_s} | {len(prompts) / c.seconds:.2f} | '
+          f'{sampler.seconds / c.seconds:.1f}x | {same}/{len(prompts)} |')
+  for i in range(len(prompts)):
+    if first.answers[i] != sampler.answers[i]:
+      print(f'differs, line {i + 1}:\n  Decoder: {first.answers[i]!r}\n'
+            f'  Sampler: {sampler.answers[i]!r}')
+
+
+if __name__ == '__main__':
+  main()
