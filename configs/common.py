@@ -76,6 +76,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Translation quality at every eval: greedy-decode the eval split and score
   # with sacrebleu. 0 turns decoding off; -1 decodes the whole split.
   c.eval.decode_examples = -1
+  # The eval loss over the whole eval split at every eval; False skips it (a
+  # time-boxed run that is judged by BLEU alone).
+  c.eval.loss = True
   c.eval.max_decode_len = 64  # new tokens per translation
   # Sentences per decoded batch (rounded up to the mesh's batch axes), apart
   # from the train batch: decoding is memory-bound, so larger batches are faster.

@@ -78,8 +78,10 @@ class Evaluator:
 
   def __call__(self, params, step: int) -> dict[str, float]:
     t0 = time.perf_counter()
-    scores = self._loss(params)
-    scores['eval_loss_seconds'] = time.perf_counter() - t0
+    scores = {}
+    if self._run.config.eval.get('loss', True):
+      scores = self._loss(params)
+      scores['eval_loss_seconds'] = time.perf_counter() - t0
     if self._decoder is not None:
       scores.update(self._quality(params, step))
     scores['eval_seconds'] = time.perf_counter() - t0
