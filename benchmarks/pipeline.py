@@ -178,11 +178,12 @@ def run_seed(python: str, work: str, args: argparse.Namespace, kept: int | None)
 
 def prepare_data(data_dir: str, work: str) -> str:
   from mtnt_tpu.data import prepare
+  from mtnt_tpu.data import readers
   out = os.path.join(work, 'data')
   inputs = {
-      'train': prepare.AlignedSource(os.path.join(data_dir, 'train.en'),
+      'train': readers.AlignedSource(os.path.join(data_dir, 'train.en'),
                                      os.path.join(data_dir, 'train.fr')),
-      'valid': prepare.AlignedSource(os.path.join(data_dir, 'val.en'),
+      'valid': readers.AlignedSource(os.path.join(data_dir, 'val.en'),
                                      os.path.join(data_dir, 'val.fr')),
   }
   stats = prepare.prepare(inputs, out)
