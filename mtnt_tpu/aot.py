@@ -187,7 +187,7 @@ class FitReport:
   lora_rank: int
   memory: Memory
   flops_per_step: float  # compiled, all devices
-  flops_6nt: float  # 6 x params x tokens (4 x with LoRA: no frozen-weight gradients)
+  flops_model: float  # 6 x params x tokens; 4 x with LoRA (no frozen-weight gradients)
   collectives: dict[str, Collective]
   compile_s: float
 
@@ -286,7 +286,7 @@ def fit_check(config: ml_collections.ConfigDict, topo: Topology,
                     aliased=mem.alias_size_in_bytes),
       # cost_analysis describes one device's partitioned program.
       flops_per_step=float(cost.get('flops', 0.0)) * run.mesh.size,
-      flops_6nt=(4.0 if run.lora else 6.0) * params * c.train.batch_size * c.data.max_len,
+      flops_model=(4.0 if run.lora else 6.0) * params * c.train.batch_size * c.data.max_len,
       collectives=collectives(compiled.as_text()), compile_s=compile_s)
 
 
@@ -318,10 +318,10 @@ def format_report(r: FitReport) -> str:
       f'({100 * m.total / (r.hbm_gib_per_chip * GIB):.0f}%): '
       f'{"fits" if r.fits else "DOES NOT FIT"}',
       f'  FLOPs per step: {r.flops_per_step:.3e} compiled vs {4 if r.lora_rank else 6}*N*T '
-      f'{r.flops_6nt:.3e} '
-      f'(x{r.flops_per_step / r.flops_6nt:.2f}); {r.flops_per_step / r.tokens:.3e} per token'
+      f'{r.flops_model:.3e} '
+      f'(x{r.flops_per_step / r.flops_model:.2f}); {r.flops_per_step / r.tokens:.3e} per token'
       + ('; XLA counts a loop body once (gradient accumulation, matmuls looped over '
-         'shards), so this is low' if r.flops_per_step < 0.95 * r.flops_6nt else ''),
+         'shards), so this is low' if r.flops_per_step < 0.95 * r.flops_model else ''),
       '  collectives per device (static count in the HLO):',
   ]
   for op, col in r.collectives.items():

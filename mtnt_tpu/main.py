@@ -6,7 +6,6 @@ each other through the TPU metadata. Elsewhere pass --coordinator_address,
 """
 
 import logging as logging_std
-import os
 
 from absl import app
 from absl import flags
@@ -30,18 +29,10 @@ _TIMEOUT = flags.DEFINE_integer('distributed_timeout', 300,
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-class _QuietLibraries(logging_std.Filter):
-  """Keeps orbax's and Grain's per-save INFO chatter out of the training log."""
-
-  def filter(self, record):
-    return record.levelno >= logging_std.WARNING or not any(
-        f'{os.sep}{lib}{os.sep}' in record.pathname for lib in ('orbax', 'grain'))
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  runtime.quiet_libraries(logging_std.WARNING)  # orbax's and Grain's per-save INFO chatter
   config = _CONFIG.value
   try:
     runtime.start(config.runtime.cpu_devices, runtime.Cluster(

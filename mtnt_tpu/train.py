@@ -64,7 +64,7 @@ class Run:
 
   @property
   def random_init(self) -> bool:
-    return self.config.model.checkpoint in ('', 'random')
+    return checkpoint_lib.pretrained_path(self.config.model) is None
 
 
 def build(config: ml_collections.ConfigDict, devices=None, *,
@@ -90,8 +90,7 @@ def _check_config(c, mesh) -> None:
         f'config.train.batch_size={c.train.batch_size} must be a multiple of '
         f'{divisor} (mesh batch axes {sharding.batch_divisor(mesh)} x '
         f'config.optim.grad_accum_steps={c.optim.grad_accum_steps})')
-  if c.data.overlong not in ('truncate', 'drop'):
-    raise ValueError(f"config.data.overlong={c.data.overlong!r}: use 'truncate' or 'drop'")
+  pipeline.check_overlong(c.data.overlong)
   for section, name in (('model', 'param_dtype'), ('model', 'compute_dtype'),
                         ('lora', 'base_dtype')):
     if c[section][name] not in ('float32', 'bfloat16'):
@@ -114,8 +113,8 @@ def _check_files(c) -> None:
   if c.train.batch_size % shards:
     raise ValueError(f'config.train.batch_size={c.train.batch_size} must be a multiple of '
                      f'config.data.num_shards={shards}')
-  if (c.model.checkpoint not in ('', 'random') and not os.path.exists(c.model.checkpoint)
-      and '://' not in c.model.checkpoint):
+  pretrained = checkpoint_lib.pretrained_path(c.model)
+  if pretrained and not os.path.exists(pretrained) and '://' not in pretrained:
     raise ValueError(f'config.model.checkpoint={c.model.checkpoint!r} does not exist; '
                      'download the Kaggle Flax checkpoint and point the field at it')
 

@@ -1,6 +1,5 @@
 """The sharded KV-cache decoder, and BLEU/chrF in the training loop."""
 
-import json
 import logging
 
 import jax
@@ -10,6 +9,7 @@ import pytest
 
 from mtnt_tpu import decode
 from mtnt_tpu import evaluate
+from mtnt_tpu import metrics
 from mtnt_tpu import model as model_lib
 from mtnt_tpu import tokenizer as tokenizer_lib
 from mtnt_tpu import workdir as workdir_lib
@@ -151,8 +151,7 @@ def test_sampling_options():
 
 def test_training_logs_bleu_chrf_and_samples_at_every_eval(trained):
   wd, _ = trained
-  with open(wd / 'metrics.jsonl') as f:
-    evals = [r for r in map(json.loads, f) if 'eval_loss' in r]
+  evals = [r for r in metrics.read(wd) if 'eval_loss' in r]
   assert [r['step'] for r in evals] == [0, 50, 100]
   for r in evals:
     assert 0 <= r['eval_bleu'] <= 100 and 0 <= r['eval_chrf'] <= 100

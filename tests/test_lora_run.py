@@ -9,6 +9,7 @@ import jax
 import pytest
 
 from mtnt_tpu import export
+from mtnt_tpu import metrics
 from mtnt_tpu import workdir as workdir_lib
 from tests import helpers
 from tests import trained_run
@@ -32,14 +33,13 @@ def lora_run(tmp_path_factory):
 
 
 def _rows(wd):
-  with open(wd / 'metrics.jsonl') as f:
-    return [json.loads(line) for line in f]
+  return metrics.read(wd)
 
 
 def test_lora_starts_from_the_base_and_trains_only_adapters(lora_run):
   full, _, wd, _ = lora_run
   first = [r for r in _rows(wd) if 'eval_loss' in r][0]
-  best_full = json.loads((full / 'metrics.jsonl').read_text().splitlines()[-1])
+  best_full = metrics.read(full)[-1]
   full_evals = [r for r in _rows(full) if 'eval_loss' in r]
   # Zero-initialised B: step 0 of the LoRA run is the exported model itself.
   assert first['step'] == 0

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from mtnt_tpu import commands
 from mtnt_tpu import prepare as cli
 from mtnt_tpu.data import prepare as prep
 from mtnt_tpu.data import readers as rd
@@ -341,8 +342,7 @@ def test_flags_to_sources(tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, '-m', 'mtnt_tpu.prepare', *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=60)
+  return commands.run(commands.command('prepare', *args), timeout=60)
 
 
 def test_cli(tmp_path):

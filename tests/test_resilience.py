@@ -1,17 +1,16 @@
 """Preemption and hard kills: a resumed run is the uninterrupted run, exactly."""
 
-import json
 import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
+from mtnt_tpu import commands
+from mtnt_tpu import metrics
 from tests import helpers
 
 STEPS = 30
@@ -21,13 +20,8 @@ FLAGS = (f'--config.train.num_steps={STEPS}', '--config.train.log_every=1',
 
 
 def _losses(workdir) -> dict[int, float]:
-  out = {}
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    for line in f:
-      row = json.loads(line)
-      if 'loss' in row:
-        out[row['step']] = row['loss']  # a replayed step keeps its last value
-  return out
+  # A replayed step keeps its last value.
+  return {row['step']: row['loss'] for row in metrics.read(workdir) if 'loss' in row}
 
 
 def _final_params(workdir):
@@ -36,11 +30,7 @@ def _final_params(workdir):
 
 
 def _popen(workdir):
-  cmd = [sys.executable, '-m', 'mtnt_tpu.main', '--config', 'configs/tiny_cpu.py',
-         '--workdir', str(workdir), *FLAGS]
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  return subprocess.Popen(cmd, cwd=helpers.ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  return commands.popen(commands.tiny_main(workdir, *FLAGS))
 
 
 def _wait_for_step(workdir, step, proc, timeout=300):

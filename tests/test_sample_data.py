@@ -5,6 +5,7 @@ import os
 import pytest
 import sentencepiece as spm
 
+from mtnt_tpu import tokenizer as tokenizer_lib
 from mtnt_tpu.data import records
 from mtnt_tpu.data.sample import make
 
@@ -14,7 +15,7 @@ SIZES = {'train': 4000, 'valid': 200, 'test': 200}
 
 
 def _prompt(src: str) -> str:
-  return f'{make.PROMPT}\n{src}\n'
+  return tokenizer_lib.prompt_text(src)
 
 
 @pytest.fixture(scope='module')

@@ -5,13 +5,13 @@ import os
 
 import pytest
 
+from mtnt_tpu import metrics
 from mtnt_tpu import train
 from tests import helpers
 
 
 def _metrics(workdir):
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
+  return metrics.read(workdir)
 
 
 @pytest.fixture(scope='module')

@@ -96,7 +96,7 @@ class _Tokenize(grain.transforms.Map):
 
 
 def _pad_row(ex: dict, max_len: int) -> dict:
-  """One example per row, padded: the seed tutorial's layout, kept for comparison."""
+  """One example per row, padded to max_len (config.data.packing=False)."""
   n = len(ex['inputs'])
   pad = lambda x, v=0: np.pad(x, (0, max_len - n), constant_values=v)
   return {'inputs': pad(ex['inputs']), 'targets': pad(ex['targets']), 'mask': pad(ex['mask']),
@@ -182,12 +182,16 @@ class _PackWindow(grain.experimental.FlatMapTransform):
     return [_pad_row(ex, self.max_len) for ex in examples]
 
 
+def check_overlong(overlong: str) -> None:
+  if overlong not in ('truncate', 'drop'):
+    raise ValueError(f"config.data.overlong={overlong!r}: use 'truncate' or 'drop'")
+
+
 def _shard_stream(data_cfg, tokenizer_path: str, rows: int, k: int,
                   num_shards: int, chat_template: bool = False) -> grain.IterDataset:
   """Data shard k of K: its records, shuffled per epoch, packed into `rows` rows."""
   L = data_cfg.max_len
-  if data_cfg.overlong not in ('truncate', 'drop'):
-    raise ValueError(f"config.data.overlong={data_cfg.overlong!r}: use 'truncate' or 'drop'")
+  check_overlong(data_cfg.overlong)
   seed = (data_cfg.shuffle_seed * 1_000_003 + k) % 2**32
   ds = source(data_cfg.dir, data_cfg.train_split)
   n = len(ds)
