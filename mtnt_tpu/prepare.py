@@ -24,28 +24,34 @@ from absl import flags
 from mtnt_tpu.data import prepare as prepare_lib
 from mtnt_tpu.data import readers
 
-# Bounds and --pair are checked in sources_from_flags, not by absl: its parse
-# errors take two lines and exit 1 like an input error.
-flags.DEFINE_string('out_dir', None, 'Output dir for {split}.array_record and stats.json.')
-flags.DEFINE_alias('out', 'out_dir')  # the spelling configs/ and pipeline.py messages use
-flags.DEFINE_bool('overwrite', False, 'Replace out_dir if it holds an earlier prepare output.')
-flags.DEFINE_integer('max_chars', readers.DEFAULT_MAX_CHARS,
-                     'Skip a line whose field is longer (field_too_long).')
-flags.DEFINE_string('mtnt_dir', None, 'Mode a: MTNT release dir (holds train/ valid/ test/).')
-flags.DEFINE_string('pair', None, f'Mode a: language pair, one of {", ".join(readers.MTNT_PAIRS)}.')
-for _split in readers.SPLITS:
-  _optional = ' (optional)' if _split == 'test' else ''
-  flags.DEFINE_string(f'{_split}_tsv', None, f'Mode b: {_split} TSV{_optional}.')
-  flags.DEFINE_string(f'{_split}_src', None, f'Mode c: {_split} source text{_optional}.')
-  flags.DEFINE_string(f'{_split}_dst', None, f'Mode c: {_split} target text, line-aligned.')
-  flags.DEFINE_string(f'{_split}_jsonl', None, f'Mode d: {_split} JSON lines{_optional}.')
-flags.DEFINE_integer('tsv_columns', 2, 'Mode b: 2 (source<TAB>target) or 3 '
-                     '(id<TAB>source<TAB>target); never guessed.')
-flags.DEFINE_string('src_field', 'src', 'Mode d: source field.')
-flags.DEFINE_string('dst_field', 'dst', 'Mode d: target field.')
-flags.DEFINE_string('id_field', 'id', 'Mode d: id field (optional in the data).')
-
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags; only when run as a program, so importing defines none."""
+  # Bounds and --pair are checked in sources_from_flags, not by absl: its
+  # parse errors take two lines and exit 1 like an input error.
+  flags.DEFINE_string('out_dir', None, 'Output dir for {split}.array_record and stats.json.')
+  flags.DEFINE_alias('out', 'out_dir')  # the spelling configs/ and pipeline.py messages use
+  flags.DEFINE_bool('overwrite', False, 'Replace out_dir if it holds an earlier prepare output.')
+  flags.DEFINE_integer('max_chars', readers.DEFAULT_MAX_CHARS,
+                       'Skip a line whose field is longer (field_too_long).')
+  flags.DEFINE_string('mtnt_dir', None, 'Mode a: MTNT release dir (holds train/ valid/ test/).')
+  flags.DEFINE_string('pair', None,
+                      f'Mode a: language pair, one of {", ".join(readers.MTNT_PAIRS)}.')
+  for split in readers.SPLITS:
+    optional = ' (optional)' if split == 'test' else ''
+    flags.DEFINE_string(f'{split}_tsv', None, f'Mode b: {split} TSV{optional}.')
+    flags.DEFINE_string(f'{split}_src', None, f'Mode c: {split} source text{optional}.')
+    flags.DEFINE_string(f'{split}_dst', None, f'Mode c: {split} target text, line-aligned.')
+    flags.DEFINE_string(f'{split}_jsonl', None, f'Mode d: {split} JSON lines{optional}.')
+  flags.DEFINE_integer('tsv_columns', 2, 'Mode b: 2 (source<TAB>target) or 3 '
+                       '(id<TAB>source<TAB>target); never guessed.')
+  flags.DEFINE_string('src_field', 'src', 'Mode d: source field.')
+  flags.DEFINE_string('dst_field', 'dst', 'Mode d: target field.')
+  flags.DEFINE_string('id_field', 'id', 'Mode d: id field (optional in the data).')
+
+
 _MODE_FLAGS = {
     'mtnt': ('mtnt_dir',),
     'tsv': tuple(f'{s}_tsv' for s in readers.SPLITS),
@@ -140,4 +146,5 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
