@@ -17,9 +17,9 @@ import subprocess
 from mtnt_tpu import commands
 from tests import helpers
 
-FLAGS = ('--config.train.num_steps=100', '--config.train.eval_every=50',
-         '--config.train.checkpoint_every=50', '--config.train.log_every=10',
-         '--config.eval.num_logged_examples=16')
+OVERRIDES = {'train.num_steps': 100, 'train.eval_every': 50, 'train.checkpoint_every': 50,
+             'train.log_every': 10, 'eval.num_logged_examples': 16}
+FLAGS = tuple(f'--config.{k}={v}' for k, v in OVERRIDES.items())
 
 
 def workdir(tmp_path_factory) -> pathlib.Path:
