@@ -29,6 +29,7 @@ def _error_line(proc) -> str:
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_tiny_model_fits_a_v4_8(tmp_path):
   out = tmp_path / 'report.json'
   proc = _aot(*_TINY, '--topology', 'v4-8', '--json', str(out))
@@ -45,6 +46,7 @@ def test_tiny_model_fits_a_v4_8(tmp_path):
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_absurd_batch_does_not_fit():
   proc = _aot(*_TINY, '--topology', 'v4-8', '--config.train.batch_size=1048576')
   assert proc.returncode == aot.DOES_NOT_FIT, proc.stderr
@@ -53,12 +55,14 @@ def test_absurd_batch_does_not_fit():
 
 
 @needs_libtpu
+@pytest.mark.slow
 def test_mesh_that_does_not_divide_the_slice_is_a_usage_error():
   proc = _aot(*_TINY, '--topology', 'v4-8', '--config.mesh.data=3')
   assert proc.returncode == aot.USAGE_ERROR, proc.stderr
   assert 'config.mesh' in _error_line(proc)
 
 
+@pytest.mark.slow
 def test_unknown_topology_lists_the_known_ones():
   proc = _aot(*_TINY, '--topology', 'v9-8')
   assert proc.returncode == aot.USAGE_ERROR, proc.stderr

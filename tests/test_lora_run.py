@@ -15,6 +15,8 @@ from mtnt_tpu import workdir as workdir_lib
 from tests import helpers
 from tests import trained_run
 
+pytestmark = pytest.mark.slow  # needs the shared trained run
+
 
 @pytest.fixture(scope='module')
 def lora_run(tmp_path_factory):

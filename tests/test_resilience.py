@@ -13,6 +13,8 @@ from mtnt_tpu import commands
 from mtnt_tpu import metrics
 from tests import helpers
 
+pytestmark = pytest.mark.slow  # runs main in subprocesses
+
 STEPS = 30
 FLAGS = (f'--config.train.num_steps={STEPS}', '--config.train.log_every=1',
          '--config.train.eval_every=1000', '--config.train.checkpoint_every=10',
