@@ -9,7 +9,7 @@ from mtnt_tpu import lora
 from mtnt_tpu import model as model_lib
 from mtnt_tpu import steps
 
-_VOCAB, _L = 800, 128
+_VOCAB, _L = 800, 1024  # long rows: attention is about half the FLOPs, so both terms count
 
 
 def _batch() -> dict:
@@ -33,7 +33,7 @@ def test_per_token_matches_the_compiled_step(variant):
   loss = lambda p: steps.token_sums(model, p, _batch(), jnp.float32)['loss_sum']
   per_token = flops.per_token(n, cfg.num_layers, cfg.num_heads, cfg.head_dim, _L)
   # Beside the matmuls XLA also counts softmax, norms and masks: a few percent.
-  assert 1.0 <= _compiled_flops(loss, params) / (_L * per_token) < 1.15
+  assert 1.0 <= _compiled_flops(loss, params) / (_L * per_token) < 1.1
 
 
 def test_lora_per_token_counts_no_frozen_weight_gradients():
@@ -45,4 +45,4 @@ def test_lora_per_token_counts_no_frozen_weight_gradients():
   loss = lambda a: steps.token_sums(model, lora.merge(base, a), _batch(), jnp.float32)['loss_sum']
   per_token = flops.per_token(n, cfg.num_layers, cfg.num_heads, cfg.head_dim, _L,
                               weight_grads=False)
-  assert 1.0 <= _compiled_flops(loss, adapters) / (_L * per_token) < 1.15
+  assert 1.0 <= _compiled_flops(loss, adapters) / (_L * per_token) < 1.1
