@@ -30,11 +30,12 @@ import math
 import os
 import re
 import shlex
-import subprocess
 import sys
 import threading
 import time
 from typing import Callable
+
+from mtnt_tpu import commands
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS_MD = os.path.join(REPO, 'BENCHMARKS.md')
@@ -114,10 +115,8 @@ def run_aot(row: Row, batch: int, out_dir: str, timeout_s: int,
   if rc is None and not may_compile():
     return None
   if rc is None:  # not compiled by an earlier run of this script
-    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, *cmd[1:]], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout_s)
+    proc = commands.run([sys.executable, *cmd[1:]], timeout=timeout_s)
     seconds = time.perf_counter() - t0
     rc = proc.returncode
     if rc not in (0, 1) or (rc == 1 and not os.path.exists(stem + '.json')):

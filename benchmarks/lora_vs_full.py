@@ -14,26 +14,23 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from mtnt_tpu import commands
+from mtnt_tpu import metrics
 
 
-def _python(*args: str) -> None:
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  r = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True)
+def _run(cmd: list[str]) -> None:
+  r = commands.run(cmd)
   if r.returncode:
-    sys.exit(f'{" ".join(args[:3])} failed:\n{r.stderr[-3000:]}')
+    sys.exit(f'{" ".join(cmd[1:4])} failed:\n{r.stderr[-3000:]}')
 
 
 def _train(workdir: str, *flags: str) -> list[dict]:
-  _python('-m', 'mtnt_tpu.main', '--config', 'configs/tiny_cpu.py', '--workdir', workdir, *flags)
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
+  _run(commands.tiny_main(workdir, *flags))
+  return metrics.read(workdir)
 
 
 def _size_mb(path: str) -> float:
@@ -50,7 +47,7 @@ def main() -> None:
   with tempfile.TemporaryDirectory() as tmp:
     base_wd = os.path.join(tmp, 'base')
     base_rows = _train(base_wd, f'--config.train.num_steps={args.base_steps}')
-    _python('-m', 'mtnt_tpu.export', '--workdir', base_wd, '--out', os.path.join(tmp, 'export'))
+    _run(commands.command('export', '--workdir', base_wd, '--out', os.path.join(tmp, 'export')))
     base = os.path.join(tmp, 'export', 'tiny')
     common = (f'--config.model.checkpoint={base}', f'--config.train.num_steps={args.steps}',
               f'--config.train.eval_every={args.steps}')

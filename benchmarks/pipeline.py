@@ -62,7 +62,6 @@ PAD, EOS, BOS = 0, 1, 2
 SEED_MAX_LEN = 25  # the tutorial's max_seq_len
 SEED_SHUFFLE_BUFFER = 10_000
 VOCAB_SIZE = 8000
-PROMPT = 'Translate this into French:\n'
 
 
 # ------------------------------------------------------------- seed (tf.data)
@@ -83,7 +82,7 @@ def seed_worker(args: argparse.Namespace) -> None:
   # The tutorial's tokenizer wrapper: SentencePiece in Python, one string at a
   # time, called from the graph through tf.numpy_function.
   def tokenize_source(text):
-    ids = [BOS] + sp.encode(PROMPT + text.decode('utf-8') + '\n')
+    ids = [BOS] + sp.encode(args.prompt.replace('{src}', text.decode('utf-8')))
     return np.asarray(ids, np.int32)
 
   def tokenize_destination(text):
@@ -168,7 +167,9 @@ def _quiet_tf_env() -> dict:
 
 
 def run_seed(python: str, work: str, args: argparse.Namespace, kept: int | None) -> dict:
+  from mtnt_tpu import tokenizer
   cmd = [python, os.path.abspath(__file__), '--_seed_worker',
+         '--prompt', tokenizer.prompt_text('{src}'),
          '--pairs', os.path.join(work, 'train_pairs.jsonl'),
          '--tokenizer', os.path.join(work, 'tokenizer.model'),
          '--batches', str(args.batches), '--batch_size', str(args.batch_size),
@@ -184,11 +185,12 @@ def run_seed(python: str, work: str, args: argparse.Namespace, kept: int | None)
 
 def prepare_data(data_dir: str, work: str) -> str:
   from mtnt_tpu.data import prepare
+  from mtnt_tpu.data import readers
   out = os.path.join(work, 'data')
   inputs = {
-      'train': prepare.AlignedSource(os.path.join(data_dir, 'train.en'),
+      'train': readers.AlignedSource(os.path.join(data_dir, 'train.en'),
                                      os.path.join(data_dir, 'train.fr')),
-      'valid': prepare.AlignedSource(os.path.join(data_dir, 'val.en'),
+      'valid': readers.AlignedSource(os.path.join(data_dir, 'val.en'),
                                      os.path.join(data_dir, 'val.fr')),
   }
   stats = prepare.prepare(inputs, out)
@@ -197,18 +199,11 @@ def prepare_data(data_dir: str, work: str) -> str:
 
 
 def train_tokenizer(pairs, path: str) -> None:
-  """SentencePiece BPE on the train text, set up like mtnt_tpu/data/sample/make.py."""
-  import sentencepiece as spm
-  sentences = [PROMPT.rstrip('\n')] * 500 + [s for p in pairs for s in (p.src, p.dst)]
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(sentences), model_prefix=path[:-len('.model')],
-      model_type='bpe', vocab_size=VOCAB_SIZE,
-      pad_id=PAD, eos_id=EOS, bos_id=BOS, unk_id=3,
-      pad_piece='<pad>', eos_piece='<eos>', bos_piece='<bos>', unk_piece='<unk>',
-      user_defined_symbols=['\n'], normalization_rule_name='identity',
-      remove_extra_whitespaces=False, add_dummy_prefix=False, split_digits=True,
-      character_coverage=1.0, byte_fallback=True, num_threads=os.cpu_count() or 1,
-      input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2)
+  """SentencePiece BPE on the train text, set up like the bundled sample's."""
+  from mtnt_tpu import tokenizer
+  with open(path, 'wb') as f:
+    f.write(tokenizer.train_model((s for p in pairs for s in (p.src, p.dst)), VOCAB_SIZE,
+                                  num_threads=os.cpu_count() or 1))
 
 
 def data_config(data_dir: str, *, packing: bool, num_workers: int, max_len: int):
@@ -616,6 +611,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--_project_worker', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--project_root', help=argparse.SUPPRESS)
   p.add_argument('--worker_args', help=argparse.SUPPRESS)
+  p.add_argument('--prompt', help=argparse.SUPPRESS)  # tokenizer.prompt_text('{src}')
   return p.parse_args(argv)
 
 

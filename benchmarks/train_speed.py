@@ -12,27 +12,22 @@ the table reports medians and the ratios. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from mtnt_tpu import commands
+from mtnt_tpu import metrics
 
 
 def run(workdir: str, *flags: str) -> list[dict]:
-  cmd = [sys.executable, '-m', 'mtnt_tpu.main', '--config', 'configs/tiny_cpu.py',
-         '--workdir', workdir, '--config.eval.decode_examples=0',
-         '--config.train.eval_at_start=False', '--config.train.eval_every=100000',
-         '--config.train.checkpoint_every=100000', *flags]
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+  r = commands.run(commands.tiny_main(
+      workdir, '--config.eval.decode_examples=0', '--config.train.eval_at_start=False',
+      '--config.train.eval_every=100000', '--config.train.checkpoint_every=100000', *flags))
   if r.returncode:
     sys.exit(f'benchmark run failed:\n{r.stderr[-3000:]}')
-  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    return [json.loads(line) for line in f]
+  return metrics.read(workdir)
 
 
 def steady_step_time(rows: list[dict]) -> float:

@@ -43,7 +43,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.dir = ''  # holds {train,valid}.array_record (python -m mtnt_tpu.prepare)
   c.data.train_split = 'train'
   c.data.eval_split = 'valid'
-  c.data.src_lang = 'English'
   c.data.dst_lang = 'French'
   c.data.max_len = 128  # tokens per row
   c.data.packing = True  # several examples per row; False pads one example per row

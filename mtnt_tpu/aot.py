@@ -37,14 +37,16 @@ from ml_collections import config_flags
 from mtnt_tpu import model as model_lib
 from mtnt_tpu import train
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string(
-    'topology', None, "TPU slice to compile for, e.g. 'v4-8', 'v4-128', or '2xv4-8' "
-    'for two v4-8 slices over DCN.')
-_NUM_SLICES = flags.DEFINE_integer(
-    'num_slices', None, "Slices of --topology (the same as an 'Nx' prefix).")
-_JSON = flags.DEFINE_string('json', None, 'Also write the report as JSON here.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags; only when run as a program, so importing defines none."""
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+  flags.DEFINE_string('topology', None, "TPU slice to compile for, e.g. 'v4-8', 'v4-128', or "
+                      "'2xv4-8' for two v4-8 slices over DCN.")
+  flags.DEFINE_integer('num_slices', None, "Slices of --topology (the same as an 'Nx' prefix).")
+  flags.DEFINE_string('json', None, 'Also write the report as JSON here.')
 
 GIB = 1 << 30
 # An uncaught exception also exits 1 in Python; __main__ maps it to CRASHED so
@@ -187,7 +189,7 @@ class FitReport:
   lora_rank: int
   memory: Memory
   flops_per_step: float  # compiled, all devices
-  flops_6nt: float  # 6 x params x tokens (4 x with LoRA: no frozen-weight gradients)
+  flops_model: float  # 6 x params x tokens; 4 x with LoRA (no frozen-weight gradients)
   collectives: dict[str, Collective]
   compile_s: float
 
@@ -286,7 +288,7 @@ def fit_check(config: ml_collections.ConfigDict, topo: Topology,
                     aliased=mem.alias_size_in_bytes),
       # cost_analysis describes one device's partitioned program.
       flops_per_step=float(cost.get('flops', 0.0)) * run.mesh.size,
-      flops_6nt=(4.0 if run.lora else 6.0) * params * c.train.batch_size * c.data.max_len,
+      flops_model=(4.0 if run.lora else 6.0) * params * c.train.batch_size * c.data.max_len,
       collectives=collectives(compiled.as_text()), compile_s=compile_s)
 
 
@@ -318,10 +320,10 @@ def format_report(r: FitReport) -> str:
       f'({100 * m.total / (r.hbm_gib_per_chip * GIB):.0f}%): '
       f'{"fits" if r.fits else "DOES NOT FIT"}',
       f'  FLOPs per step: {r.flops_per_step:.3e} compiled vs {4 if r.lora_rank else 6}*N*T '
-      f'{r.flops_6nt:.3e} '
-      f'(x{r.flops_per_step / r.flops_6nt:.2f}); {r.flops_per_step / r.tokens:.3e} per token'
+      f'{r.flops_model:.3e} '
+      f'(x{r.flops_per_step / r.flops_model:.2f}); {r.flops_per_step / r.tokens:.3e} per token'
       + ('; XLA counts a loop body once (gradient accumulation, matmuls looped over '
-         'shards), so this is low' if r.flops_per_step < 0.95 * r.flops_6nt else ''),
+         'shards), so this is low' if r.flops_per_step < 0.95 * r.flops_model else ''),
       '  collectives per device (static count in the HLO):',
   ]
   for op, col in r.collectives.items():
@@ -351,8 +353,8 @@ def _fail(code: int, message: str) -> int:
 
 
 def _write_json(obj: dict) -> None:
-  if _JSON.value:
-    with open(_JSON.value, 'w', encoding='utf-8') as f:
+  if FLAGS.json:
+    with open(FLAGS.json, 'w', encoding='utf-8') as f:
       json.dump(obj, f, indent=2)
 
 
@@ -365,19 +367,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _fail(USAGE_ERROR, 'bad flag: ' + str(e).replace('\\n', ' ').replace("\\'", "'"))
   if len(rest) > 1:
     return _fail(USAGE_ERROR, f'unexpected arguments: {rest[1:]}')
-  if _CONFIG.value is None or not _TOPOLOGY.value:
+  if FLAGS.config is None or not FLAGS.topology:
     return _fail(USAGE_ERROR, 'usage: python -m mtnt_tpu.aot --config CONFIG.py '
                  f'--topology {{{",".join(TOPOLOGIES)}}} [--json OUT]')
   # The CPU runs everything but the TPU compile: no local TPU is opened, even
   # on a TPU VM. Must precede the first backend use.
   jax.config.update('jax_platforms', 'cpu')
   try:
-    config = _CONFIG.value
+    config = FLAGS.config
     config.model.variant  # pylint: disable=pointless-statement  # loads the file lazily
   except OSError as e:
     return _fail(USAGE_ERROR, e)
   try:
-    topo = parse_topology(_TOPOLOGY.value, _NUM_SLICES.value)
+    topo = parse_topology(FLAGS.topology, FLAGS.num_slices)
   except ValueError as e:
     return _fail(USAGE_ERROR, e)
   if topo.num_slices > 1 and config.mesh.dcn_data == 1:
@@ -413,4 +415,5 @@ def _main_or_crash() -> int:
 
 
 if __name__ == '__main__':
+  define_flags()
   sys.exit(_main_or_crash())

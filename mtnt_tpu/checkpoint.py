@@ -18,6 +18,14 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+# config.model.checkpoint values that mean 'no pretrained weights'.
+_RANDOM_INIT = ('', 'random')
+
+
+def pretrained_path(model_cfg) -> str | None:
+  """config.model.checkpoint, or None for random init ('' or 'random')."""
+  return None if model_cfg.checkpoint in _RANDOM_INIT else model_cfg.checkpoint
+
 
 class Checkpoints:
   """Saves and restores {'state': TrainState, 'data': Grain iterator} per step.

@@ -25,6 +25,7 @@ memory. OUT must not exist: nothing is ever overwritten.
 from __future__ import annotations
 
 import json
+import logging as logging_std
 import os
 import shutil
 import sys
@@ -37,7 +38,9 @@ import jax
 import ml_collections
 import numpy as np
 
+from mtnt_tpu import checkpoint as checkpoint_lib
 from mtnt_tpu import model as model_lib
+from mtnt_tpu import runtime
 from mtnt_tpu import tokenizer as tokenizer_lib
 from mtnt_tpu import workdir as workdir_lib
 
@@ -59,9 +62,9 @@ def define_flags() -> None:
 
 
 def default_name(config: ml_collections.ConfigDict) -> str:
-  checkpoint = config.model.checkpoint.rstrip('/')
-  if checkpoint not in ('', 'random'):
-    return os.path.basename(checkpoint)
+  pretrained = checkpoint_lib.pretrained_path(config.model)
+  if pretrained:
+    return os.path.basename(pretrained.rstrip('/'))
   return config.model.variant
 
 
@@ -112,7 +115,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  workdir_lib.quiet_libraries()
+  # orbax's notes (read-only managers, finalize threads) stay off a CLI's stderr.
+  runtime.quiet_libraries(logging_std.ERROR)
   try:
     workdir_lib.use_cpu_devices(workdir_lib.load_config(FLAGS.workdir))
     path = export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, name=FLAGS.name,

@@ -18,7 +18,6 @@ import flax
 from flax import linen as nn
 from gemma import layers as gemma_layers
 from gemma import peft
-from gemma.peft import _einsum_utils
 import jax.numpy as jnp
 
 TARGETS = {
@@ -133,6 +132,20 @@ _EQNS = {
 }
 
 
+def _delta_eqn(eqn: str) -> str:
+  """'a,b->w' for the weight update A B of the einsum `x,w->y`.
+
+  `peft.LoRAEinsumAdapter` splits w's letters in two: A holds those the input
+  shares (contracted or batch), then the rank; B the rank, then the rest.
+  """
+  x, rest = eqn.split(',')
+  w = rest.split('->')[0]
+  rank = next(c for c in 'rRzZ' if c not in eqn)
+  a = ''.join(c for c in w if c in x) + rank
+  b = rank + ''.join(c for c in w if c not in x)
+  return f'{a},{b}->{w}'
+
+
 def fold(base: dict, adapters: dict, spec: LoraSpec, transpose_gating: bool) -> dict:
   """Plain Gemma weights W + scale * (A B): what `export --merge` writes."""
   eqns = dict(_EQNS, gating_einsum='...F,NHF->...NH' if transpose_gating else '...F,NFH->...NH')
@@ -147,11 +160,6 @@ def fold(base: dict, adapters: dict, spec: LoraSpec, transpose_gating: bool) -> 
     if f'{prefix}/a' not in ad:
       continue
     w = flat[path]
-    lora_eqn, _, _ = _einsum_utils.get_lora_einsum_str_and_shapes(
-        einsum_str=eqns[target], weights_shape=w.shape, rank=spec.rank)
-    _, a_sub, rest = lora_eqn.split(',')
-    b_sub = rest.split('->')[0]
-    w_sub = eqns[target].split(',')[1].split('->')[0]
-    delta = jnp.einsum(f'{a_sub},{b_sub}->{w_sub}', ad[f'{prefix}/a'], ad[f'{prefix}/b'])
+    delta = jnp.einsum(_delta_eqn(eqns[target]), ad[f'{prefix}/a'], ad[f'{prefix}/b'])
     flat[path] = (w + scale * delta.astype(jnp.float32)).astype(w.dtype)
   return flax.traverse_util.unflatten_dict(flat, sep='/')

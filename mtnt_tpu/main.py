@@ -6,7 +6,6 @@ each other through the TPU metadata. Elsewhere pass --coordinator_address,
 """
 
 import logging as logging_std
-import os
 
 from absl import app
 from absl import flags
@@ -17,45 +16,43 @@ from ml_collections import config_flags
 from mtnt_tpu import runtime
 from mtnt_tpu import train
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs go here '
-                               '(a local path or gs://bucket/path).')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'host:port of process 0, for multi-process runs off Cloud TPU.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
-_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
-_TIMEOUT = flags.DEFINE_integer('distributed_timeout', 300,
-                                'Seconds to wait for the other processes before giving up.')
-flags.mark_flags_as_required(['config', 'workdir'])
+FLAGS = flags.FLAGS
 
 
-class _QuietLibraries(logging_std.Filter):
-  """Keeps orbax's and Grain's per-save INFO chatter out of the training log."""
-
-  def filter(self, record):
-    return record.levelno >= logging_std.WARNING or not any(
-        f'{os.sep}{lib}{os.sep}' in record.pathname for lib in ('orbax', 'grain'))
+def define_flags() -> None:
+  """The command's flags; only when run as a program, so importing defines none."""
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Checkpoints, metrics and logs go here '
+                      '(a local path or gs://bucket/path).')
+  flags.DEFINE_string('coordinator_address', None,
+                      'host:port of process 0, for multi-process runs off Cloud TPU.')
+  flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+  flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
+  flags.DEFINE_integer('distributed_timeout', 300,
+                       'Seconds to wait for the other processes before giving up.')
+  flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  config = _CONFIG.value
+  runtime.quiet_libraries(logging_std.WARNING)  # orbax's and Grain's per-save INFO chatter
+  config = FLAGS.config
   try:
     runtime.start(config.runtime.cpu_devices, runtime.Cluster(
-        _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _TIMEOUT.value))
+        FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+        FLAGS.distributed_timeout))
   except RuntimeError as e:
     raise SystemExit(f'error: {e}') from None
   logging.info('JAX %s, process %d of %d, %d local / %d global devices (%s)',
                jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
   try:
-    train.train_and_evaluate(config, _WORKDIR.value)
+    train.train_and_evaluate(config, FLAGS.workdir)
   except (train.ConfigError, FloatingPointError) as e:
     raise SystemExit(f'error: {e}') from None
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -156,3 +156,9 @@ class Stopwatch:
     now = time.perf_counter()
     dt, self._t = now - self._t, now
     return dt
+
+
+def read(workdir: str | os.PathLike) -> list[dict]:
+  """WORKDIR/metrics.jsonl as written: one dict per logged step, in order."""
+  with (epath.Path(workdir) / 'metrics.jsonl').open() as f:
+    return [json.loads(line) for line in f]

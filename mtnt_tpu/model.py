@@ -118,7 +118,10 @@ class RematTransformer(gemma_transformer.Transformer):
 
   def setup(self):
     # Mirrors gemma_transformer.Transformer.setup (gemma 2.0.8) with the block
-    # class swapped; tests/test_remat.py compares loss, gradients and tree with it.
+    # class swapped. Not reused: gemma builds its blocks inline from the
+    # module-global `modules.Block` (no class attribute or factory to override),
+    # and flax refuses to re-create `layer_i` after super().setup()
+    # (NameInUseError). tests/test_remat.py compares loss, gradients and tree.
     c = self.config
     block_cls = nn.remat(gemma_modules.Block, policy=self.remat_policy)
     self.embedder = gemma_modules.Embedder(vocab_size=c.num_embed, embed_dim=c.embed_dim)

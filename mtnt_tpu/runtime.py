@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import logging as logging_std
 import os
 import signal
 import socket
@@ -27,6 +28,22 @@ class Cluster:
 def _on_cloud_tpu_vm() -> bool:
   # TPU VMs expose the chips as /dev/accel* (v2-v4) or /dev/vfio/N (v5e+).
   return bool(glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*'))
+
+
+class _QuietLibraries(logging_std.Filter):
+
+  def __init__(self, min_level: int, libraries: tuple[str, ...]):
+    super().__init__()
+    self._min_level = min_level
+    self._dirs = tuple(f'{os.sep}{lib}{os.sep}' for lib in libraries)
+
+  def filter(self, record):
+    return record.levelno >= self._min_level or not any(d in record.pathname for d in self._dirs)
+
+
+def quiet_libraries(min_level: int, libraries: tuple[str, ...] = ('orbax', 'grain')) -> None:
+  """Drops the libraries' log records below `min_level` from absl's log."""
+  logging.get_absl_handler().addFilter(_QuietLibraries(min_level, libraries))
 
 
 def start(cpu_devices: int, cluster: Cluster) -> None:

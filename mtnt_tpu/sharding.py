@@ -86,15 +86,8 @@ def resolve_axis_sizes(sizes: dict[str, int], num_devices: int) -> dict[str, int
 
 
 def path_str(path: tuple) -> str:
-  parts = []
-  for k in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return '/'.join(parts)
+  """'layer_0/attn/q_einsum/w': the form the rules' regexes match."""
+  return jax.tree_util.keystr(path, simple=True, separator='/')
 
 
 def spec_for(path: str, shape: tuple[int, ...], mesh: Mesh,

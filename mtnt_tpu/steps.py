@@ -1,9 +1,9 @@
 """Pure train and eval steps: masked next-token loss over every example. No I/O.
 
-The loss is summed over every target token of every example in the batch and
-divided by the number of target tokens (the seed tutorial read `logits[0]`,
-the first example only). With gradient accumulation the division is by the
-whole batch's count, so accumulating never changes the result.
+The loss is summed over every target token of every example in the batch, not
+only the first row's, and divided by the number of target tokens. With
+gradient accumulation the division is by the whole batch's count, so
+accumulating never changes the result.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ class Run:
 
   @property
   def random_init(self) -> bool:
-    return self.config.model.checkpoint in ('', 'random')
+    return checkpoint_lib.pretrained_path(self.config.model) is None
 
 
 def build(config: ml_collections.ConfigDict, devices=None, *,
@@ -100,8 +100,7 @@ def _check_config(c, mesh) -> None:
   if not 0 <= c.model.loss_positions <= 1 or (c.model.loss_positions and not c.model.loss_chunk):
     raise ValueError(f'config.model.loss_positions={c.model.loss_positions}: a fraction of '
                      'each row from 0 (off) to 1, and it needs config.model.loss_chunk > 0')
-  if c.data.overlong not in ('truncate', 'drop'):
-    raise ValueError(f"config.data.overlong={c.data.overlong!r}: use 'truncate' or 'drop'")
+  pipeline.check_overlong(c.data.overlong)
   for section, name in (('model', 'param_dtype'), ('model', 'compute_dtype'),
                         ('lora', 'base_dtype')):
     if c[section][name] not in ('float32', 'bfloat16'):
@@ -127,8 +126,8 @@ def _check_files(c) -> None:
   if c.train.batch_size % shards:
     raise ValueError(f'config.train.batch_size={c.train.batch_size} must be a multiple of '
                      f'config.data.num_shards={shards}')
-  if (c.model.checkpoint not in ('', 'random') and not os.path.exists(c.model.checkpoint)
-      and '://' not in c.model.checkpoint):
+  pretrained = checkpoint_lib.pretrained_path(c.model)
+  if pretrained and not os.path.exists(pretrained) and '://' not in pretrained:
     raise ValueError(f'config.model.checkpoint={c.model.checkpoint!r} does not exist; '
                      'download the Kaggle Flax checkpoint and point the field at it')
 

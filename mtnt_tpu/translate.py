@@ -9,6 +9,7 @@ gives an empty line); progress, warnings and scores go to stderr.
 
 from __future__ import annotations
 
+import logging as logging_std
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ from absl import logging
 from sacrebleu.metrics import BLEU, CHRF
 
 from mtnt_tpu import decode as decode_lib
+from mtnt_tpu import runtime
 from mtnt_tpu import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
@@ -121,7 +123,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # stderr is for progress and problems
-  workdir_lib.quiet_libraries()
+  # orbax's notes (read-only managers, finalize threads) stay off a CLI's stderr.
+  runtime.quiet_libraries(logging_std.ERROR)
   try:
     config = workdir_lib.load_config(FLAGS.workdir)
     workdir_lib.use_cpu_devices(config)

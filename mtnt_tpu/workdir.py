@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging as logging_std
 import os
 from typing import Any
 
@@ -54,14 +53,6 @@ def use_cpu_devices(config: ml_collections.ConfigDict) -> None:
   if config.runtime.get('cpu_devices', 0):
     jax.config.update('jax_platforms', 'cpu')
     jax.config.update('jax_num_cpu_devices', config.runtime.cpu_devices)
-
-
-def quiet_libraries() -> None:
-  """Keeps orbax's notes (read-only managers, finalize threads) off a CLI's stderr."""
-  class _Filter(logging_std.Filter):
-    def filter(self, record):
-      return record.levelno >= logging_std.ERROR or f'{os.sep}orbax{os.sep}' not in record.pathname
-  logging.get_absl_handler().addFilter(_Filter())
 
 
 @dataclasses.dataclass(frozen=True)

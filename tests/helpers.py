@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 
 import jax
 import numpy as np
 
 from configs import tiny_cpu
+from mtnt_tpu import commands
 from mtnt_tpu.data import pipeline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = commands.ROOT
 
 
 def tiny_config(**overrides):
@@ -36,12 +35,7 @@ def train_batches(config, n: int, local_batch: int | None = None) -> list[dict]:
 
 def run_main(workdir, *flags, timeout=600, env=None) -> subprocess.CompletedProcess:
   """`python -m mtnt_tpu.main --config configs/tiny_cpu.py` as a user runs it."""
-  cmd = [sys.executable, '-m', 'mtnt_tpu.main', '--config', 'configs/tiny_cpu.py',
-         '--workdir', str(workdir), *flags]
-  full_env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  full_env.update(env or {})
-  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                        env=full_env)
+  return commands.run(commands.tiny_main(workdir, *flags), extra_env=env, timeout=timeout)
 
 
 def restore_numpy(path):

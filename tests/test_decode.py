@@ -12,6 +12,7 @@ import pytest
 
 from mtnt_tpu import decode
 from mtnt_tpu import evaluate
+from mtnt_tpu import metrics
 from mtnt_tpu import model as model_lib
 from mtnt_tpu import tokenizer as tokenizer_lib
 from mtnt_tpu import train
@@ -72,6 +73,7 @@ def _greedy_without_cache(tr, prompts, stop_ids):
   return out
 
 
+@pytest.mark.slow
 def test_batched_decoding_equals_decoding_each_alone(trained, decoder, prompts):
   _, tr = trained
   together = decoder.generate(tr.params, prompts)  # two batches of 8, mixed lengths
@@ -80,6 +82,7 @@ def test_batched_decoding_equals_decoding_each_alone(trained, decoder, prompts):
   assert all(together), 'the model translates every sentence'
 
 
+@pytest.mark.slow
 def test_cached_left_padded_decoding_equals_uncached_greedy(trained, decoder, prompts):
   _, tr = trained
   got = decoder.generate(tr.params, prompts)
@@ -92,12 +95,14 @@ def test_cached_left_padded_decoding_equals_uncached_greedy(trained, decoder, pr
   assert sum(w[-1] == tokenizer_lib.EOS for w in want) >= len(want) // 2
 
 
+@pytest.mark.slow
 def test_empty_lines_give_empty_translations(trained, decoder):
   _, tr = trained
   out = decoder.translate(tr.params, ['', 'The boys read the newspapers.', '   '])
   assert out[0] == '' and out[2] == '' and out[1]
 
 
+@pytest.mark.slow
 def test_overlong_prompt_is_cut_with_a_warning_not_an_error(trained, decoder, caplog):
   _, tr = trained
   sources = ['My gardens are pretty.', 'the big red car ' * 40, 'The boys read.']
@@ -108,6 +113,7 @@ def test_overlong_prompt_is_cut_with_a_warning_not_an_error(trained, decoder, ca
   assert out[0] == decoder.translate(tr.params, sources[:1])[0]
 
 
+@pytest.mark.slow
 def test_chat_template_is_one_format_for_training_evaluation_and_translation(trained):
   _, tr = trained
   tok = tr.run.tokenizer
@@ -153,10 +159,10 @@ def test_sampling_options():
     decode.Sampling(top_p=0.0)
 
 
+@pytest.mark.slow
 def test_training_logs_bleu_chrf_and_samples_at_every_eval(trained):
   wd, _ = trained
-  with open(wd / 'metrics.jsonl') as f:
-    evals = [r for r in map(json.loads, f) if 'eval_loss' in r]
+  evals = [r for r in metrics.read(wd) if 'eval_loss' in r]
   assert [r['step'] for r in evals] == [0, 50, 100]
   for r in evals:
     assert 0 <= r['eval_bleu'] <= 100 and 0 <= r['eval_chrf'] <= 100

@@ -17,6 +17,8 @@ from mtnt_tpu import tokenizer as tokenizer_lib
 from mtnt_tpu import workdir as workdir_lib
 from tests import trained_run
 
+pytestmark = pytest.mark.slow  # needs the shared trained run
+
 
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory):
@@ -69,3 +71,17 @@ def test_export_never_overwrites(exported, tmp_path):
   with pytest.raises(workdir_lib.WorkdirError, match='config.json is missing'):
     export.export(str(tmp_path), str(tmp_path / 'new'))
   assert not (tmp_path / 'new').exists()
+
+
+def test_export_dtype_casts_every_weight(exported, tmp_path):
+  wd, full, full_path = exported
+  out = tmp_path / 'bf16'
+  r = trained_run.run_module('export', '--workdir', str(wd), '--out', str(out),
+                             '--dtype', 'bfloat16')
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert json.loads((out / export.MANIFEST).read_text())['dtype'] == 'bfloat16'
+  half = gemma_params.load_params(str(out / 'tiny'))
+  want = gemma_params.load_params(full_path)  # float32, as trained
+  assert {str(np.asarray(x).dtype) for x in jax.tree.leaves(half)} == {'bfloat16'}
+  jax.tree.map(lambda h, f: np.testing.assert_array_equal(
+      np.asarray(h), np.asarray(f).astype(h.dtype)), half, want)

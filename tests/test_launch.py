@@ -192,8 +192,8 @@ def test_train(launch, accel):
 
 def test_train_config_and_local_workdir_on_one_host(launch):
   [line] = launch.dry('train.sh', *LOC, '--accelerator-type=v4-8', '--config',
-                      'configs/v4_32.py', '--workdir', '/tmp/run')
-  assert '-m mtnt_tpu.main --config=configs/v4_32.py --workdir=/tmp/run >' in line
+                      'configs/tiny_cpu.py', '--workdir', '/tmp/run')
+  assert '-m mtnt_tpu.main --config=configs/tiny_cpu.py --workdir=/tmp/run >' in line
   # gs:// needs no accelerator type: the slice's size does not matter.
   [line] = launch.dry('train.sh', *LOC, '--workdir=gs://b/r')
   assert '--workdir=gs://b/r >train.log' in line

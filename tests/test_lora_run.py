@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 import shutil
 
 import flax
@@ -9,9 +10,12 @@ import jax
 import pytest
 
 from mtnt_tpu import export
+from mtnt_tpu import metrics
 from mtnt_tpu import workdir as workdir_lib
 from tests import helpers
 from tests import trained_run
+
+pytestmark = pytest.mark.slow  # needs the shared trained run
 
 
 @pytest.fixture(scope='module')
@@ -20,7 +24,7 @@ def lora_run(tmp_path_factory):
   full = trained_run.workdir(tmp_path_factory)
   root = tmp_path_factory.mktemp('lora')
   base_dir = root / 'base'
-  base = export.export(str(full), str(base_dir))
+  base = pathlib.Path(export.export(str(full), str(base_dir)))
   wd = root / 'wd'
   flags = ('--config.lora.rank=4', f'--config.model.checkpoint={base}',
            '--config.train.num_steps=20', '--config.train.eval_every=10',
@@ -32,18 +36,17 @@ def lora_run(tmp_path_factory):
 
 
 def _rows(wd):
-  with open(wd / 'metrics.jsonl') as f:
-    return [json.loads(line) for line in f]
+  return metrics.read(wd)
 
 
 def test_lora_starts_from_the_base_and_trains_only_adapters(lora_run):
-  full, _, wd, _ = lora_run
+  full, base, wd, _ = lora_run
   first = [r for r in _rows(wd) if 'eval_loss' in r][0]
-  best_full = json.loads((full / 'metrics.jsonl').read_text().splitlines()[-1])
-  full_evals = [r for r in _rows(full) if 'eval_loss' in r]
+  exported = json.loads((base.parent / export.MANIFEST).read_text())['step']
+  (full_eval,) = [r for r in _rows(full) if 'eval_loss' in r and r['step'] == exported]
   # Zero-initialised B: step 0 of the LoRA run is the exported model itself.
   assert first['step'] == 0
-  assert any(abs(first['eval_loss'] - r['eval_loss']) < 1e-4 for r in full_evals), best_full
+  assert first['eval_loss'] == pytest.approx(full_eval['eval_loss'], abs=1e-4)
   state = helpers.restore_numpy(str(wd / 'checkpoints' / '20' / 'state'))
   paths = flax.traverse_util.flatten_dict(state['params'], sep='/')
   assert paths and all('lora' in p for p in paths)

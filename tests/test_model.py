@@ -58,11 +58,14 @@ def _write_kaggle_checkpoint(tmp_path, variant='tiny', seed=1):
 
 
 def test_kaggle_checkpoint_layout_is_gemmas(tmp_path):
+  """The project's layout functions agree with what gemma's saver writes."""
   path, params = _write_kaggle_checkpoint(tmp_path)
-  loaded = gemma_params.load_and_format_params(path)['transformer']
-  jax.tree.map(np.testing.assert_array_equal, loaded, params)
   raw = gemma_params.load_params(path)
-  assert 'transformer/layer_0/mlp/linear' in raw and 'w' in raw['transformer/layer_0/mlp/linear']
+  ours = model_lib.to_kaggle_layout(params)
+  assert 'transformer/layer_0/mlp/linear' in ours and 'w' in ours['transformer/layer_0/mlp/linear']
+  assert jax.tree.structure(ours) == jax.tree.structure(raw)
+  jax.tree.map(np.testing.assert_array_equal, raw, ours)
+  jax.tree.map(np.testing.assert_array_equal, model_lib.from_kaggle_layout(raw), params)
 
 
 def test_load_kaggle_restores_equal_weights_in_their_shardings(tmp_path):

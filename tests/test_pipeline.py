@@ -60,8 +60,12 @@ def test_overlong_examples_are_truncated_or_dropped_never_silently():
   dropped = helpers.train_batches(helpers.tiny_config(**{'data.max_len': 30,
                                                          'data.overlong': 'drop'}), 3)
   assert all(np.all(b['segment_ids'].max(axis=1) >= 1) for b in kept)
-  lengths = [np.sum(b['index'] == i) for b in dropped for i in set(b['index'].ravel()) if i >= 0]
-  assert max(lengths) <= 30
+  full = {i: len(pipeline.tokenize_example(tok, i, src[i], 'French', 10_000).inputs)
+          for i in range(len(src))}
+  assert any(n > 30 for n in full.values())
+  # Dropped, not cut: every example in the batches is whole and fits.
+  seen = {i: np.sum(b['index'] == i) for b in dropped for i in set(b['index'].ravel()) if i >= 0}
+  assert seen and all(n == full[i] <= 30 for i, n in seen.items())
 
 
 def test_packing_fills_rows_padding_does_not():

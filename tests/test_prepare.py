@@ -10,7 +10,10 @@ import sys
 
 import pytest
 
+from mtnt_tpu import commands
+from mtnt_tpu import prepare as cli
 from mtnt_tpu.data import prepare as prep
+from mtnt_tpu.data import readers as rd
 from mtnt_tpu.data import records
 from mtnt_tpu.data.records import Pair
 
@@ -86,7 +89,7 @@ def _leftovers(parent: pathlib.Path) -> list[str]:
 def test_mtnt_bad_lines_skipped_and_counted_exactly(tmp_path):
   mtnt = _fake_mtnt(tmp_path / 'MTNT')
   out = tmp_path / 'out'
-  stats = prep.prepare(prep.mtnt_sources(str(mtnt), 'en-fr'), out)
+  stats = prep.prepare(rd.mtnt_sources(str(mtnt), 'en-fr'), out)
 
   assert sorted(os.listdir(out)) == [
       'stats.json', 'test.array_record', 'train.array_record', 'valid.array_record']
@@ -117,35 +120,33 @@ def test_mtnt_bad_lines_skipped_and_counted_exactly(tmp_path):
   assert test['skipped']['invalid_utf8']['lines'] == [1]
   assert test['notes'] == {'crlf_lines': 1}
 
-  assert on_disk['input'].startswith(f'train: TSV {train_file}; valid: TSV ')
-  assert on_disk['flags']['max_chars'] == prep.DEFAULT_MAX_CHARS
-  assert on_disk['flags']['train_shards'] == 1
+  assert on_disk['input'].startswith(f'train: TSV {train_file} (3 columns); valid: TSV ')
+  assert on_disk['flags']['max_chars'] == rd.DEFAULT_MAX_CHARS
   assert _leftovers(tmp_path) == []
 
 
 def test_reader_yields_every_line_in_order(tmp_path):
   path = _write(tmp_path / 'train.tsv', TRAIN_LINES)
-  parsed = list(prep.TsvSource(str(path), columns=3).read('train'))
+  parsed = list(rd.TsvSource(str(path), columns=3).read('train'))
   assert [p.line_no for p in parsed] == list(range(1, len(TRAIN_LINES) + 1))
   assert [p.result if isinstance(p.result, Pair) else None for p in parsed] == [
       pair for _, pair in TRAIN_LINES]
-  assert parsed[1].result == prep.Skip(prep.SkipReason.WRONG_COLUMN_COUNT, str(path))
+  assert parsed[1].result == rd.Skip(rd.SkipReason.WRONG_COLUMN_COUNT, str(path))
 
 
 def test_max_chars_is_inclusive(tmp_path):
   path = _tsv(tmp_path / 'a.tsv', ['a' * 10 + '\tok', 'b' * 11 + '\tok', 'ok\t' + 'c' * 11])
-  results = [p.result for p in prep.TsvSource(str(path)).read('train', max_chars=10)]
+  results = [p.result for p in rd.TsvSource(str(path)).read('train', max_chars=10)]
   assert results[0] == Pair('train-1', 'a' * 10, 'ok')
-  assert [r.reason for r in results[1:]] == [prep.SkipReason.FIELD_TOO_LONG] * 2
+  assert [r.reason for r in results[1:]] == [rd.SkipReason.FIELD_TOO_LONG] * 2
 
 
 def test_tsv_mode_two_and_three_columns(tmp_path):
-  # The first line has 4 columns: the format comes from the first *good* line.
   two = _tsv(tmp_path / 'two.tsv', ['a\tb\tc\td', 'Hello\tBonjour', 'x\ty\tz', 'Yes\tOui'])
   three = _tsv(tmp_path / 'three.tsv', ['\tno id\tpas d\'id', 'k2\tTwo\tDeux', 'only\ttwo'])
   out = tmp_path / 'out'
-  stats = prep.prepare({'train': prep.TsvSource(str(two)), 'valid': prep.TsvSource(str(three))},
-                       out)
+  stats = prep.prepare({'train': rd.TsvSource(str(two)),
+                        'valid': rd.TsvSource(str(three), columns=3)}, out)
   assert records.read_all(out / 'train.array_record') == [
       Pair('train-2', 'Hello', 'Bonjour'), Pair('train-4', 'Yes', 'Oui')]
   assert records.read_all(out / 'valid.array_record') == [
@@ -153,6 +154,65 @@ def test_tsv_mode_two_and_three_columns(tmp_path):
   assert stats.splits['train'].skipped['wrong_column_count'].lines == (1, 3)
   assert stats.splits['valid'].skipped['wrong_column_count'].lines == (3,)
   assert stats.splits['valid'].notes == {'empty_id': 1}
+
+
+def test_three_column_tsv_is_never_guessed(tmp_path):
+  """(en, fr, fr) must not silently become (id, src, dst): fr->fr pairs."""
+  rows = ['Hello\tBonjour\tSalut', 'Yes\tOui\tOuais', 'odd\tline']
+  three = _tsv(tmp_path / 'en_fr_fr.tsv', rows)
+  valid = _tsv(tmp_path / 'valid.tsv', ['v1\ta\tb'])
+  out = tmp_path / 'out'
+  with pytest.raises(rd.PrepareError, match='--tsv_columns=3'):
+    prep.prepare({'train': rd.TsvSource(str(three)), 'valid': rd.TsvSource(str(valid))}, out)
+  assert not out.exists() and _leftovers(tmp_path) == []
+
+  bad = _cli(f'--train_tsv={three}', f'--valid_tsv={valid}', f'--out_dir={out}')
+  assert bad.returncode == 1 and bad.stderr.count('\n') == 1, bad.stderr
+  assert str(three) in bad.stderr and '--tsv_columns=3' in bad.stderr
+  ok = _cli(f'--train_tsv={three}', f'--valid_tsv={valid}', f'--out_dir={out}',
+            '--tsv_columns=3')
+  assert ok.returncode == 0, ok.stderr
+  assert records.read_all(out / 'train.array_record') == [
+      Pair('Hello', 'Bonjour', 'Salut'), Pair('Yes', 'Oui', 'Ouais')]
+
+
+def _dead_pid() -> int:
+  child = subprocess.Popen([sys.executable, '-c', 'pass'])
+  child.wait()
+  return child.pid
+
+
+def test_temp_dirs_of_a_killed_prepare_are_cleaned_up(tmp_path):
+  out = tmp_path / 'out'
+  dead, alive = _dead_pid(), os.getppid()
+  # A killed prepare's half-written output, and a running one's (kept).
+  (tmp_path / f'.out.tmp-{dead}-0123abcd').mkdir()
+  (tmp_path / f'.out.tmp-{dead}-0123abcd' / 'train.array_record').write_text('half')
+  (tmp_path / f'.out.tmp-{alive}-89abcdef').mkdir()
+  (tmp_path / f'.other.tmp-{dead}-0123abcd').mkdir()  # another output's: not ours
+  prep.prepare(_small_inputs(tmp_path), out)
+  assert sorted(_leftovers(tmp_path)) == [f'.other.tmp-{dead}-0123abcd',
+                                          f'.out.tmp-{alive}-89abcdef']
+
+
+def test_output_parked_by_a_killed_swap_is_restored(tmp_path):
+  """Killed between moving the old output aside and moving the new one in."""
+  out = tmp_path / 'out'
+  prep.prepare(_small_inputs(tmp_path, 'first'), out)
+  dead = _dead_pid()
+  out.rename(tmp_path / f'.out.old-{dead}-0123abcd')
+  (tmp_path / f'.out.tmp-{dead}-89abcdef').mkdir()
+  with pytest.raises(rd.PrepareError, match='--overwrite'):
+    prep.prepare(_small_inputs(tmp_path, 'second'), out)
+  assert records.read_all(out / 'train.array_record') == [Pair('train-1', 'first', 'y')]
+  assert _leftovers(tmp_path) == []
+
+
+def test_help_lists_the_flags():
+  shown = _cli('--help')  # absl exits 1 after --help
+  for flag in ('--out_dir', '--mtnt_dir', '--pair', '--train_tsv', '--tsv_columns',
+               '--valid_src', '--test_jsonl', '--max_chars', '--overwrite'):
+    assert flag in shown.stdout, flag
 
 
 def test_aligned_text_mode(tmp_path):
@@ -163,8 +223,8 @@ def test_aligned_text_mode(tmp_path):
   vsrc = _tsv(tmp_path / 'val.en', ['Hi'])
   vdst = _tsv(tmp_path / 'val.fr', ['Salut'])
   out = tmp_path / 'out'
-  stats = prep.prepare({'train': prep.AlignedSource(str(src), str(dst)),
-                        'valid': prep.AlignedSource(str(vsrc), str(vdst))}, out)
+  stats = prep.prepare({'train': rd.AlignedSource(str(src), str(dst)),
+                        'valid': rd.AlignedSource(str(vsrc), str(vdst))}, out)
   assert records.read_all(out / 'train.array_record') == [
       Pair('train-1', 'One', 'Un'), Pair('train-2', 'Two', 'Deux'),
       Pair('train-5', 'Five\twith tab', 'Cinq\tavec tab')]
@@ -182,8 +242,8 @@ def test_aligned_mismatched_line_counts_is_an_error(tmp_path):
   src = _tsv(tmp_path / 'train.en', ['a', 'b', 'c'])
   dst = _tsv(tmp_path / 'train.fr', ['x', 'y'])
   out = tmp_path / 'out'
-  with pytest.raises(prep.PrepareError) as e:
-    prep.prepare({'train': prep.AlignedSource(str(src), str(dst))}, out)
+  with pytest.raises(rd.PrepareError) as e:
+    prep.prepare({'train': rd.AlignedSource(str(src), str(dst))}, out)
   assert f'{src} has 3 lines' in str(e.value) and f'{dst} has 2' in str(e.value)
   assert not out.exists() and _leftovers(tmp_path) == []
 
@@ -205,7 +265,7 @@ def test_jsonl_mode(tmp_path):
   train = _tsv(tmp_path / 'train.jsonl', lines)
   valid = _tsv(tmp_path / 'valid.jsonl', ['{"en": "a", "fr": "b"}'])
   out = tmp_path / 'out'
-  source = lambda p: prep.JsonlSource(str(p), src_field='en', dst_field='fr')
+  source = lambda p: rd.JsonlSource(str(p), src_field='en', dst_field='fr')
   stats = prep.prepare({'train': source(train), 'valid': source(valid)}, out)
   assert records.read_all(out / 'train.array_record') == [
       Pair('j1', 'Hello', 'Bonjour'), Pair('train-2', 'no id', 'sans id'),
@@ -215,39 +275,20 @@ def test_jsonl_mode(tmp_path):
                      'invalid_unicode': (9,), 'empty_source': (11,)}
 
 
-def test_sharding_preserves_order(tmp_path):
-  rows = [f'id{i}\tsource {i}\ttarget {i}' for i in range(10)]
-  train = _tsv(tmp_path / 'train.tsv', rows)
-  valid = _tsv(tmp_path / 'valid.tsv', rows[:2])
-  inputs = {'train': prep.TsvSource(str(train)), 'valid': prep.TsvSource(str(valid))}
-  prep.prepare(inputs, tmp_path / 'one')
-  stats = prep.prepare(inputs, tmp_path / 'four', train_shards=4)
-  names = [f'train.array_record-{k:05d}-of-00004' for k in range(4)]
-  assert list(stats.splits['train'].outputs) == names
-  assert sorted(os.listdir(tmp_path / 'four')) == sorted(
-      names + ['stats.json', 'valid.array_record'])
-  shards = [records.read_all(tmp_path / 'four' / n) for n in names]
-  assert [len(s) for s in shards] == [2, 3, 2, 3]
-  assert sum(shards, []) == records.read_all(tmp_path / 'one' / 'train.array_record')
-  with pytest.raises(prep.PrepareError, match='fewer than --train_shards'):
-    prep.prepare(inputs, tmp_path / 'many', train_shards=11)
-  assert not (tmp_path / 'many').exists()
-
-
-def _small_inputs(tmp_path: pathlib.Path, text: str = 'x') -> dict[str, prep.Source]:
+def _small_inputs(tmp_path: pathlib.Path, text: str = 'x') -> dict[str, rd.Source]:
   train = _tsv(tmp_path / 'train.tsv', [f'{text}\ty'])
   valid = _tsv(tmp_path / 'valid.tsv', ['a\tb'])
-  return {'train': prep.TsvSource(str(train)), 'valid': prep.TsvSource(str(valid))}
+  return {'train': rd.TsvSource(str(train)), 'valid': rd.TsvSource(str(valid))}
 
 
 def test_existing_output_refused_without_overwrite(tmp_path):
   out = tmp_path / 'out'
   out.mkdir()
   (out / 'keep.txt').write_text('precious')
-  with pytest.raises(prep.PrepareError, match='--overwrite'):
+  with pytest.raises(rd.PrepareError, match='--overwrite'):
     prep.prepare(_small_inputs(tmp_path), out)
   # --overwrite still refuses a dir that prepare didn't write.
-  with pytest.raises(prep.PrepareError, match='no stats.json'):
+  with pytest.raises(rd.PrepareError, match='no stats.json'):
     prep.prepare(_small_inputs(tmp_path), out, overwrite=True)
   assert os.listdir(out) == ['keep.txt'] and (out / 'keep.txt').read_text() == 'precious'
   assert _leftovers(tmp_path) == []
@@ -256,7 +297,7 @@ def test_existing_output_refused_without_overwrite(tmp_path):
 def test_overwrite_replaces_an_earlier_output(tmp_path):
   out = tmp_path / 'out'
   prep.prepare(_small_inputs(tmp_path, 'first'), out)
-  with pytest.raises(prep.PrepareError, match='already holds'):
+  with pytest.raises(rd.PrepareError, match='already holds'):
     prep.prepare(_small_inputs(tmp_path, 'second'), out)
   prep.prepare(_small_inputs(tmp_path, 'second'), out, overwrite=True)
   assert records.read_all(out / 'train.array_record') == [Pair('train-1', 'second', 'y')]
@@ -268,50 +309,49 @@ def test_failure_leaves_the_old_output_untouched(tmp_path):
   prep.prepare(_small_inputs(tmp_path, 'first'), out)
   before = {p.name: p.read_bytes() for p in out.iterdir()}
   bad = _tsv(tmp_path / 'bad.tsv', ['no tabs at all', '\t\t'])
-  inputs = _small_inputs(tmp_path) | {'valid': prep.TsvSource(str(bad))}
-  with pytest.raises(prep.PrepareError, match='valid has no good records'):
+  inputs = _small_inputs(tmp_path) | {'valid': rd.TsvSource(str(bad))}
+  with pytest.raises(rd.PrepareError, match='valid has no good records'):
     prep.prepare(inputs, out, overwrite=True)
   assert {p.name: p.read_bytes() for p in out.iterdir()} == before
   assert _leftovers(tmp_path) == []
 
 
 def test_missing_input_names_the_file_and_writes_nothing(tmp_path):
-  inputs = _small_inputs(tmp_path) | {'test': prep.TsvSource(str(tmp_path / 'nope.tsv'))}
+  inputs = _small_inputs(tmp_path) | {'test': rd.TsvSource(str(tmp_path / 'nope.tsv'))}
   out = tmp_path / 'out'
-  with pytest.raises(prep.PrepareError, match='nope.tsv'):
+  with pytest.raises(rd.PrepareError, match='nope.tsv'):
     prep.prepare(inputs, out)
   assert not out.exists() and _leftovers(tmp_path) == []
 
 
 def test_flags_to_sources(tmp_path):
   base = {'out_dir': str(tmp_path / 'out')}
-  sources, _ = prep.sources_from_flags(
+  sources, _ = cli.sources_from_flags(
       base | {'train_src': 'a.en', 'train_dst': 'a.fr', 'valid_src': 'b.en',
               'valid_dst': 'b.fr'})
-  assert sources == {'train': prep.AlignedSource('a.en', 'a.fr'),
-                     'valid': prep.AlignedSource('b.en', 'b.fr')}
-  sources, _ = prep.sources_from_flags(
+  assert sources == {'train': rd.AlignedSource('a.en', 'a.fr'),
+                     'valid': rd.AlignedSource('b.en', 'b.fr')}
+  sources, _ = cli.sources_from_flags(
       base | {'train_jsonl': 'a', 'valid_jsonl': 'b', 'test_jsonl': 'c', 'src_field': 'en'})
-  assert sources['test'] == prep.JsonlSource('c', src_field='en')
+  assert sources['test'] == rd.JsonlSource('c', src_field='en')
   for bad in ({}, {'train_tsv': 'a', 'valid_tsv': 'b', 'train_jsonl': 'c'},
               {'train_tsv': 'a'}, {'train_src': 'a', 'valid_src': 'b', 'valid_dst': 'c'},
               {'mtnt_dir': str(tmp_path)}, {'train_tsv': 'a', 'valid_tsv': 'b', 'pair': 'en-fr'}):
-    with pytest.raises(prep.app.UsageError):
-      prep.sources_from_flags(base | bad)
+    with pytest.raises(cli.app.UsageError):
+      cli.sources_from_flags(base | bad)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, '-m', 'mtnt_tpu.prepare', *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=60)
+  return commands.run(commands.command('prepare', *args), timeout=60)
 
 
 def test_cli(tmp_path):
   mtnt = _fake_mtnt(tmp_path / 'MTNT')
   out = tmp_path / 'out'
-  ok = _cli(f'--mtnt_dir={mtnt}', '--pair=en-fr', f'--out_dir={out}', '--train_shards=2')
+  ok = _cli(f'--mtnt_dir={mtnt}', '--pair=en-fr', f'--out_dir={out}')
   assert ok.returncode == 0, ok.stderr
   assert 'train' in ok.stdout and 'wrong_column_count 2' in ok.stdout
-  assert records.read_all(out / 'train.array_record-00001-of-00002')[-1].id == 'id13'
+  assert records.read_all(out / 'train.array_record')[-1].id == 'id13'
   assert json.loads((out / 'stats.json').read_text())['flags']['pair'] == 'en-fr'
 
   again = _cli(f'--mtnt_dir={mtnt}', '--pair=en-fr', f'--out_dir={out}')

@@ -5,6 +5,7 @@ import os
 import pytest
 import sentencepiece as spm
 
+from mtnt_tpu import tokenizer as tokenizer_lib
 from mtnt_tpu.data import records
 from mtnt_tpu.data.sample import make
 
@@ -14,7 +15,7 @@ SIZES = {'train': 4000, 'valid': 200, 'test': 200}
 
 
 def _prompt(src: str) -> str:
-  return f'{make.PROMPT}\n{src}\n'
+  return tokenizer_lib.prompt_text(src)
 
 
 @pytest.fixture(scope='module')
@@ -105,11 +106,18 @@ def test_no_unknown_or_byte_pieces_in_train(shipped, sp):
   assert not [sp.id_to_piece(i) for i in used if sp.is_byte(i)]  # every character is a piece
 
 
-def test_unseen_characters_fall_back_to_bytes(sp):
-  text = 'Zoë says "¡Hola!" 😀\n'
-  ids = sp.encode(text)
-  assert sp.unk_id() not in ids
-  assert sp.decode(ids) == text
+def test_trained_tokenizers_fall_back_to_bytes(tmp_path, shipped):
+  """tokenizer.train_model (the sample's and the benchmark's): no character is unknown."""
+  path = tmp_path / 'tokenizer.model'
+  path.write_bytes(tokenizer_lib.train_model(
+      (s for p in shipped['valid'] for s in (p.src, p.dst)), vocab_size=400))
+  tok = tokenizer_lib.Tokenizer(str(path))
+  text = 'Zoë says "¡Hola!" 😀 in 2024'
+  ids = tok.encode_prompt(text, 'French')
+  assert 3 not in ids  # <unk>
+  assert tok.decode(ids[1:]) == tokenizer_lib.prompt_text(text)
+  assert tok.encode('\n') == [tok.processor.piece_to_id('\n')]  # its own piece
+  assert len(tok.encode('2024')) == 4  # digits split
 
 
 def test_every_example_fits_64_tokens(shipped, sp):

@@ -34,7 +34,7 @@ def _loss(run, params, batch):
 
 
 def test_loss_depends_on_every_example(run, params, batch):
-  """The seed tutorial's bug read logits[0]: changing any row must move the loss."""
+  """Changing any row moves the loss: no row (e.g. logits[0] alone) stands for the batch."""
   base = float(_loss(run, params, batch))
   for row in range(batch['targets'].shape[0]):
     changed = dict(batch)

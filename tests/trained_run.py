@@ -12,14 +12,14 @@ from __future__ import annotations
 import fcntl
 import os
 import pathlib
-import sys
 import subprocess
 
+from mtnt_tpu import commands
 from tests import helpers
 
-FLAGS = ('--config.train.num_steps=100', '--config.train.eval_every=50',
-         '--config.train.checkpoint_every=50', '--config.train.log_every=10',
-         '--config.eval.num_logged_examples=16')
+OVERRIDES = {'train.num_steps': 100, 'train.eval_every': 50, 'train.checkpoint_every': 50,
+             'train.log_every': 10, 'eval.num_logged_examples': 16}
+FLAGS = tuple(f'--config.{k}={v}' for k, v in OVERRIDES.items())
 
 
 def workdir(tmp_path_factory) -> pathlib.Path:
@@ -40,6 +40,4 @@ def workdir(tmp_path_factory) -> pathlib.Path:
 def run_module(module: str, *args: str, stdin: str | None = None, timeout: int = 300
                ) -> subprocess.CompletedProcess:
   """`python -m mtnt_tpu.<module> ARGS` as a user runs it (devices from the workdir's config)."""
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  return subprocess.run([sys.executable, '-m', f'mtnt_tpu.{module}', *args], cwd=helpers.ROOT,
-                        input=stdin, capture_output=True, text=True, timeout=timeout, env=env)
+  return commands.run(commands.command(module, *args), input=stdin, timeout=timeout)

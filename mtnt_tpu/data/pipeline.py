@@ -126,7 +126,7 @@ def _place(rows: dict, r: int, start: int, ex: dict, segment: int) -> int:
 
 
 def _pad_row(ex: dict, max_len: int) -> dict:
-  """One example per row, padded: the seed tutorial's layout, kept for comparison."""
+  """One example per row, padded to max_len (config.data.packing=False)."""
   row = _empty_rows(1, max_len)
   _place(row, 0, 0, ex, 1)
   return {k: v[0] for k, v in row.items()}
@@ -201,12 +201,16 @@ class _PackWindow(grain.experimental.FlatMapTransform):
     return [_pad_row(ex, self.max_len) for ex in examples]
 
 
+def check_overlong(overlong: str) -> None:
+  if overlong not in ('truncate', 'drop'):
+    raise ValueError(f"config.data.overlong={overlong!r}: use 'truncate' or 'drop'")
+
+
 def _shard_stream(data_cfg, tokenizer_path: str, rows: int, k: int,
                   num_shards: int, chat_template: bool = False) -> grain.IterDataset:
   """Data shard k of K: its records, shuffled per epoch, packed into `rows` rows."""
   L = data_cfg.max_len
-  if data_cfg.overlong not in ('truncate', 'drop'):
-    raise ValueError(f"config.data.overlong={data_cfg.overlong!r}: use 'truncate' or 'drop'")
+  check_overlong(data_cfg.overlong)
   seed = (data_cfg.shuffle_seed * 1_000_003 + k) % 2**32
   paths = split_paths(data_cfg.dir, data_cfg.train_split)
   n = len(grain.sources.ArrayRecordDataSource(paths))

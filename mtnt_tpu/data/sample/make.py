@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import os
 import random
 from typing import Sequence
 
-import sentencepiece as spm
-
+from mtnt_tpu import tokenizer
 from mtnt_tpu.data import records
 
 SEED = 20240611
 SPLITS = (('train', 4000), ('valid', 200), ('test', 200))
-PROMPT = 'Translate this into French:'
 VOCAB_SIZE = 800  # 256 byte pieces + 4 special + '\n' + 539 learned (BPE) pieces
 MIN_WORDS, MAX_WORDS = 4, 12
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -425,29 +422,7 @@ def read_tsv(path: str | os.PathLike) -> list[records.Pair]:
 
 def train_tokenizer(train: Sequence[records.Pair]) -> bytes:
   """Trains the SentencePiece model in memory; returns its serialized bytes."""
-  # The prompt is repeated so its words become whole pieces, as they are in every example.
-  sentences = [PROMPT] * 500 + [s for p in train for s in (p.src, p.dst)]
-  model = io.BytesIO()
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(sentences),
-      model_writer=model,
-      model_type='bpe',  # unigram tops out near 600 pieces here, with worse splits
-      vocab_size=VOCAB_SIZE,
-      pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-      pad_piece='<pad>', eos_piece='<eos>', bos_piece='<bos>', unk_piece='<unk>',
-      user_defined_symbols=['\n'],
-      normalization_rule_name='identity',
-      remove_extra_whitespaces=False,
-      add_dummy_prefix=False,
-      split_digits=True,
-      character_coverage=1.0,
-      byte_fallback=True,
-      num_threads=1,
-      shuffle_input_sentence=False,
-      input_sentence_size=0,
-      minloglevel=2,
-  )
-  return model.getvalue()
+  return tokenizer.train_model((s for p in train for s in (p.src, p.dst)), VOCAB_SIZE)
 
 
 def build(out_dir: str | os.PathLike = HERE) -> dict[str, list[records.Pair]]:
