@@ -163,3 +163,20 @@ def test_bad_settings_and_a_closed_batcher_are_errors():
 
   with pytest.raises(RuntimeError, match='not running'):
     run(closed())
+
+
+def test_the_window_reopens_after_a_call_so_answered_clients_join_the_next():
+  fn = Recorder()
+
+  async def body(b):
+    fn.release.clear()
+    first = asyncio.ensure_future(b.submit([1]))
+    await asyncio.get_running_loop().run_in_executor(None, fn.started.wait, 10)
+    waiting = asyncio.ensure_future(b.submit([2]))  # queued during the call
+    fn.release.set()
+    await first
+    await asyncio.sleep(0.05)  # the answered client comes back within the window
+    return await asyncio.gather(waiting, b.submit([3]))
+
+  run(_with_batcher(fn, body, window_s=0.3))
+  assert fn.calls == [[1], [2, 3]]

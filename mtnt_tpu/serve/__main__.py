@@ -47,6 +47,8 @@ def define_flags() -> None:
   flags.DEFINE_integer('max_texts', limits.max_texts, 'Texts per request at most.')
   flags.DEFINE_integer('max_text_chars', limits.max_text_chars, 'Characters per text at most.')
   flags.DEFINE_integer('max_body_bytes', limits.max_body_bytes, 'Request body bytes at most.')
+  flags.DEFINE_integer('cpu_devices', None, 'For a workdir trained on faked CPU devices: '
+                       'serve on this many (default: as many as it trained on).')
   flags.DEFINE_boolean('access_log', True, 'Log one line per HTTP request.')
 
 
@@ -86,6 +88,11 @@ def main(argv):
     limits = app_lib.Limits(FLAGS.max_texts, FLAGS.max_text_chars, FLAGS.max_body_bytes,
                             FLAGS.batch_window_ms / 1e3)
     config = workdir_lib.load_config(FLAGS.workdir)
+    if FLAGS.cpu_devices is not None:
+      if FLAGS.cpu_devices < 1 or not config.runtime.get('cpu_devices', 0):
+        raise ValueError(f'--cpu_devices={FLAGS.cpu_devices}: give >= 1, and only for a '
+                         'workdir trained on faked CPU devices (config.runtime.cpu_devices)')
+      config.runtime.cpu_devices = FLAGS.cpu_devices
     workdir_lib.use_cpu_devices(config)
     beam_sizes = _ints('beam_sizes', FLAGS.beam_sizes)
     if beam_sizes is None:

@@ -237,14 +237,15 @@ def create_app(translator: translator_lib.Translator, limits: Limits) -> Starlet
     except RequestError as e:
       return e.response()
     except ClientDisconnect:
-      logging.info('client left while sending its request (%d)', CLIENT_CLOSED)
+      logging.warning('client left while sending its request (%d)', CLIENT_CLOSED)
       return Response(status_code=CLIENT_CLOSED)
     work = asyncio.ensure_future(state['batcher'].submit(prompts))
     gone = asyncio.ensure_future(_disconnected(request))
     await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     if not work.done():
       work.cancel()  # withdraws its sentences if their decoder call has not started
-      logging.info('client left before its %d translations (%d)', len(prompts), CLIENT_CLOSED)
+      logging.warning('client left before its answer: %d sentences withdrawn or dropped (%d)',
+                      len(prompts), CLIENT_CLOSED)
       return Response(status_code=CLIENT_CLOSED)
     gone.cancel()
     try:

@@ -1,11 +1,13 @@
 """Collects concurrent requests into shared decoder calls, off the event loop.
 
-The first request to arrive opens a window (`window_s`); every request that
-arrives before it closes, or until `max_sentences` are waiting, is decoded in
-the same call, on one worker thread (JAX calls are made from one thread, one
-at a time). Requests that arrive while a call runs wait for the next one,
-whose window has by then already passed, so it starts at once. Each request
-gets its own results back, in its own order.
+The window (`window_s`) opens when a request arrives at an idle decoder, or
+when a call ends with requests waiting; every request that arrives before it
+closes, up to `max_sentences`, is decoded in the same call, on one worker
+thread (JAX calls are made from one thread, one at a time). Reopening the
+window after a call lets the clients just answered send their next request
+into the next call instead of the one after: under load, calls stay full. A
+full batch starts at once. Each request gets its own results back, in its own
+order.
 
 A request cancelled before its call starts (its client went away) is left out
 of the call; one cancelled later has its results dropped. Either way the
@@ -54,6 +56,7 @@ class Batcher(Generic[In, Out]):
     self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='decode')
     self._task: asyncio.Task | None = None
     self.calls = 0  # decoder calls made (for /healthz)
+    self._idle_since = float('-inf')  # loop time the last call ended
 
   def start(self) -> None:
     self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -87,7 +90,7 @@ class Batcher(Generic[In, Out]):
       if not self._queue:
         self._arrived.clear()
         continue
-      deadline = self._queue[0].arrived + self._window_s
+      deadline = max(self._queue[0].arrived, self._idle_since) + self._window_s
       while self._waiting() < self._max and (left := deadline - loop.time()) > 0:
         self._arrived.clear()
         try:
@@ -97,6 +100,7 @@ class Batcher(Generic[In, Out]):
       jobs = self._take()
       if jobs:
         await self._run(jobs)
+        self._idle_since = loop.time()
 
   def _waiting(self) -> int:
     return sum(len(j.items) for j in self._queue if not j.future.done())
