@@ -1,7 +1,6 @@
 """The sharded KV-cache decoder, and BLEU/chrF in the training loop."""
 
 import functools
-import json
 import logging
 import re
 

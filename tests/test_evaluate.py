@@ -2,7 +2,6 @@
 
 import jax
 import numpy as np
-import pytest
 
 from mtnt_tpu import evaluate
 from mtnt_tpu import train
