@@ -298,7 +298,7 @@ BEGIN, END = '<!-- real_model:begin (benchmarks/real_model.py --render writes th
 def _render(r: dict, path: str) -> None:
   """Replaces (or appends) this benchmark's section of BENCHMARKS.md."""
   gib = lambda b: f'{b / 2**30:.2f}'
-  load = r['load']
+  load = r.get('load', {})
   lines = [
       BEGIN, '## A real model: Gemma 3 270M from the PyPI GGUF (Q4_K_M)', '',
       f'`nice -n 19 uv run --extra test python {r["command"]}` on the shared 2-core '

@@ -33,6 +33,12 @@ GENERATIONS = {'tiny': 1, 'tiny_gemma2': 2, 'tiny_gemma3': 3}
 GGUF_ARCH = {1: 'gemma', 2: 'gemma2', 3: 'gemma3'}
 
 
+@pytest.fixture(autouse=True)
+def _cache_dir(tmp_path, monkeypatch):
+  """Rebuilt GGUF tokenizers go to the test's own dir, not ~/.cache."""
+  monkeypatch.setattr(formats, 'CACHE_DIR', str(tmp_path / 'cache'))
+
+
 @pytest.fixture(scope='module')
 def bpe_tokenizer(tmp_path_factory):
   """A SentencePiece BPE model trained like Gemma's (byte fallback, no dummy prefix)."""
@@ -224,7 +230,10 @@ def test_tokenizer_rebuilt_from_gguf_encodes_like_the_original(bpe_tokenizer, tm
     assert rebuilt.decode(rebuilt.encode(line)) == line
   assert rebuilt.encode('<end_of_turn>') == [original.piece_to_id('<end_of_turn>')]
   assert (rebuilt.bos_id(), rebuilt.eos_id(), rebuilt.pad_id(), rebuilt.unk_id()) == (2, 1, 0, 3)
-  assert formats.tokenizer_path('', path) == rebuilt_path  # cached by content
+  before = os.path.getmtime(rebuilt_path)
+  assert formats.tokenizer_path('', path) == rebuilt_path  # built once per file version
+  assert os.path.getmtime(rebuilt_path) == before
+  assert rebuilt_path.startswith(formats.CACHE_DIR)
 
 
 # --- one line for each bad input, before any weights are read --------------------

@@ -209,11 +209,13 @@ def tokenizer_model(path: str) -> bytes:
 
 
 def write_tokenizer(path: str, cache_dir: str) -> str:
-  """Rebuilds the GGUF's tokenizer into `cache_dir` (once per content); returns its path."""
-  model = tokenizer_model(path)
+  """Rebuilds the GGUF's tokenizer into `cache_dir`, once per file version; returns its path."""
+  stat = os.stat(path)
+  key = f'{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}'.encode()
   stem = os.path.splitext(os.path.basename(path))[0]
-  out = os.path.join(cache_dir, f'{stem}-{hashlib.sha256(model).hexdigest()[:12]}.model')
+  out = os.path.join(cache_dir, f'{stem}-{hashlib.sha256(key).hexdigest()[:12]}.model')
   if not os.path.isfile(out):
+    model = tokenizer_model(path)
     os.makedirs(cache_dir, exist_ok=True)
     tmp = f'{out}.{os.getpid()}.tmp'
     with open(tmp, 'wb') as f:
