@@ -1,10 +1,10 @@
-"""Gemma variants by name, the forward pass on packed rows, and Kaggle weights.
+"""Gemma variants by name, and the forward pass on packed rows.
 
 The network is the classic `gemma.transformer.Transformer`; this module adds
 what a trainer needs around it: variants chosen by config (never guessed from
 layer counts: Gemma 3 270M and Gemma 2B both have 18 layers), a
-segment-aware causal mask so packed examples never attend to each other, and
-loading the Kaggle Flax checkpoint straight into target shardings.
+segment-aware causal mask so packed examples never attend to each other.
+Checkpoint formats (Kaggle, Hugging Face, GGUF) live in `mtnt_tpu.formats`.
 """
 
 from __future__ import annotations
@@ -13,14 +13,11 @@ import dataclasses
 import functools
 from typing import Any, Callable
 
-import flax
 from flax import linen as nn
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 from gemma import layers as gemma_layers
 from gemma import modules as gemma_modules
-from gemma import params as gemma_params
 from gemma import transformer as gemma_transformer
 
 Params = Any  # nested dict: {'embedder': ..., 'layer_0': ..., 'final_norm': ...}
@@ -43,8 +40,15 @@ def _gemma3(num_layers: int, embed_dim: int, hidden_dim: int, num_heads: int,
       local_base_frequency=10_000, global_base_frequency=1_000_000)
 
 
-def _tiny(num_layers: int, embed_dim: int, *, gemma3: bool = False) -> TransformerConfig:
+def _tiny(num_layers: int, embed_dim: int, *, gemma2: bool = False,
+          gemma3: bool = False) -> TransformerConfig:
   # num_embed None: the tokenizer's vocabulary size decides (see build_config).
+  if gemma2:  # local/global alternation, post norms and soft-capping, as in Gemma 2
+    return dataclasses.replace(
+        TransformerConfig.gemma2_2b(None), num_layers=num_layers, num_embed=None,
+        embed_dim=embed_dim, hidden_dim=4 * embed_dim, num_heads=4, head_dim=embed_dim // 4,
+        num_kv_heads=2, attention_types=(_LOCAL, _GLOBAL) * (num_layers // 2),
+        sliding_window_size=64)
   if gemma3:
     cfg = _gemma3(num_layers, embed_dim, 4 * embed_dim, num_heads=4, num_embed=None)
     return dataclasses.replace(cfg, head_dim=embed_dim // 4, sliding_window_size=64)
@@ -65,6 +69,7 @@ VARIANTS: dict[str, Callable[[], TransformerConfig]] = {
     'gemma3_1b': lambda: _gemma3(26, 1152, 6912, num_heads=4),
     'tiny': lambda: _tiny(2, 128),
     'tiny_4l': lambda: _tiny(4, 256),
+    'tiny_gemma2': lambda: _tiny(4, 128, gemma2=True),
     'tiny_gemma3': lambda: _tiny(4, 128, gemma3=True),
 }
 
@@ -210,61 +215,3 @@ def abstract_params(model: nn.Module, param_dtype: str = 'float32') -> Params:
   return jax.eval_shape(
       functools.partial(init_params, model, param_dtype=param_dtype),
       jax.random.key(0))
-
-
-# --- Kaggle Flax checkpoints -------------------------------------------------
-# On disk (what `gemma.params.load_params` reads): a semi-flat orbax tree such
-# as {'transformer/layer_0/attn/q_einsum': {'w': ...},
-#     'transformer/layer_0/mlp/linear': {'w': ...}, ...}.
-# In memory: nested {'layer_0': {'attn': {'q_einsum': {'w': ...}},
-#                                'mlp': {'linear': ...}}}.
-
-
-def to_kaggle_layout(params: Params) -> dict:
-  """The on-disk tree for `params` (arrays or ShapeDtypeStructs)."""
-  return gemma_params.flatten_and_remap_params({'transformer': params})
-
-
-def from_kaggle_layout(tree: dict) -> Params:
-  return gemma_params.nest_params(gemma_params.param_remapper(tree))['transformer']
-
-
-def load_kaggle_params(path: str, target: Params) -> Params:
-  """Restores a Kaggle Flax checkpoint into `target`'s shapes, dtypes and shardings.
-
-  Each device reads only its own shard; nothing is materialised whole on a
-  host. A checkpoint of another variant stops with both shapes named.
-  """
-  checkpointer = ocp.PyTreeCheckpointer()
-  try:
-    on_disk = checkpointer.metadata(path)
-  except (FileNotFoundError, ValueError) as e:
-    raise FileNotFoundError(
-        f'config.model.checkpoint={path!r} is not an orbax checkpoint '
-        f'(the Kaggle Flax dir holding _METADATA/checkpoint): {e}') from e
-  on_disk = getattr(on_disk, 'item_metadata', on_disk)
-  on_disk = getattr(on_disk, 'tree', on_disk)
-  want = to_kaggle_layout(target)
-  _check_same_tree(path, on_disk, want)
-  restore_args = ocp.checkpoint_utils.construct_restore_args(want)
-  tree = checkpointer.restore(
-      path, args=ocp.args.PyTreeRestore(item=want, restore_args=restore_args))
-  return from_kaggle_layout(tree)
-
-
-def _check_same_tree(path: str, on_disk: Any, want: dict) -> None:
-  disk = flax.traverse_util.flatten_dict(dict(on_disk), sep='|')
-  need = flax.traverse_util.flatten_dict(want, sep='|')
-  missing = sorted(set(need) - set(disk))
-  if missing:
-    raise ValueError(
-        f'checkpoint {path} lacks {len(missing)} parameters the variant needs '
-        f'(first: {missing[0].replace("|", "/")}); is config.model.variant the '
-        'checkpoint\'s variant?')
-  for key, leaf in need.items():
-    shape = tuple(getattr(disk[key], 'shape', ()))
-    if shape != tuple(leaf.shape):
-      raise ValueError(
-          f'checkpoint {path} has {key.replace("|", "/")} of shape {shape}, '
-          f'the configured variant expects {tuple(leaf.shape)}; set '
-          'config.model.variant to the checkpoint\'s variant')

@@ -24,6 +24,7 @@ import ml_collections
 from mtnt_tpu import checkpoint as checkpoint_lib
 from mtnt_tpu import evaluate as evaluate_lib
 from mtnt_tpu import flops
+from mtnt_tpu import formats
 from mtnt_tpu import lora as lora_lib
 from mtnt_tpu import metrics as metrics_lib
 from mtnt_tpu import model as model_lib
@@ -112,8 +113,9 @@ def _check_config(c, mesh) -> None:
   evaluate_lib.check_config(c)
   if c.model.checkpoint == '' and not c.model.variant.startswith('tiny'):
     raise ValueError(
-        f'config.model.checkpoint is empty for {c.model.variant}: point it at the '
-        "Kaggle Flax checkpoint dir, or set it to 'random' to train from scratch")
+        f'config.model.checkpoint is empty for {c.model.variant}: point it at a Kaggle '
+        "Flax dir, a Hugging Face dir or a .gguf file, or set it to 'random' to train "
+        'from scratch')
 
 
 def _check_files(c) -> None:
@@ -127,13 +129,16 @@ def _check_files(c) -> None:
     raise ValueError(f'config.train.batch_size={c.train.batch_size} must be a multiple of '
                      f'config.data.num_shards={shards}')
   pretrained = checkpoint_lib.pretrained_path(c.model)
-  if pretrained and not os.path.exists(pretrained) and '://' not in pretrained:
-    raise ValueError(f'config.model.checkpoint={c.model.checkpoint!r} does not exist; '
-                     'download the Kaggle Flax checkpoint and point the field at it')
+  if pretrained:
+    formats.detect(pretrained)
 
 
 def _build(config, devices, vocab_size) -> Run:
   c = config
+  if vocab_size is None and not c.tokenizer.path and c.model.checkpoint not in ('', 'random'):
+    # The checkpoint's own tokenizer; recorded in the workdir's config.json.
+    c = ml_collections.ConfigDict(c.to_dict())
+    c.tokenizer.path = formats.tokenizer_path('', c.model.checkpoint)
   mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, devices, dcn_data=c.mesh.dcn_data)
   _check_config(c, mesh)
   tok = None
@@ -191,14 +196,15 @@ def init_state(run: Run, rng: jax.Array) -> steps.TrainState:
 
 
 def load_pretrained(run: Run) -> steps.TrainState:
-  """Kaggle weights restored into their shardings, fresh optimizer state.
+  """Pretrained weights (any checkpoint format) in their shardings, fresh optimizer state.
 
   With LoRA the weights are the frozen base (see `frozen_base`) and the
   trained state is freshly initialised adapters.
   """
   if run.lora:
     return init_state(run, jax.random.key(run.config.train.seed))
-  params = model_lib.load_kaggle_params(run.config.model.checkpoint, run.abstract_state.params)
+  params = formats.load(run.config.model.checkpoint, run.abstract_state.params,
+                        run.config.model.variant)
   params = jax.tree.map(lambda p: p.astype(run.config.model.param_dtype), params)
   opt_state = jax.jit(run.optimizer.init, out_shardings=run.state_shardings.opt_state)(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), run.state_shardings.step)
@@ -217,7 +223,7 @@ def frozen_base(run: Run) -> dict:
       raise FileNotFoundError(
           f'the LoRA base config.model.checkpoint={path!r} does not exist; the adapters '
           'were trained on it: put it back there, or point the field at its new place')
-    return model_lib.load_kaggle_params(path, run.abstract_frozen)
+    return formats.load(path, run.abstract_frozen, run.config.model.variant)
   f = lambda rng: _init_params(run.model, run.lora, rng, run.config)[1]
   return jax.jit(f, out_shardings=run.frozen_shardings)(jax.random.key(run.config.train.seed))
 
@@ -305,8 +311,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains to config.train.num_steps (or a SIGTERM); returns the last metrics."""
   t_start = time.perf_counter()
   run = build(config)
-  prepare_workdir(workdir, config)
-  c = config
+  c = run.config  # with the checkpoint's tokenizer when config.tokenizer.path was empty
+  prepare_workdir(workdir, c)
   logging.info('mesh %s over %d devices (%d processes); parameter shardings:\n%s',
                dict(run.mesh.shape), run.mesh.size, jax.process_count(),
                sharding.describe(run.abstract_state.params, run.state_shardings.params))

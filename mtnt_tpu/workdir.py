@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 
@@ -28,15 +29,15 @@ class WorkdirError(ValueError):
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config the workdir was trained with (WORKDIR/config.json)."""
-  if not os.path.isdir(workdir):
+  root = epath.Path(workdir)  # a local dir or a gs:// bucket
+  if not root.is_dir():
     raise WorkdirError(f'--workdir {workdir} does not exist; pass the directory '
                        'python -m mtnt_tpu.main trained into')
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.isfile(path):
+  path = root / 'config.json'
+  if not path.is_file():
     raise WorkdirError(f'{path} is missing; --workdir must be a directory written by '
                        'python -m mtnt_tpu.main (it records its config there)')
-  with open(path, encoding='utf-8') as f:
-    return ml_collections.ConfigDict(_from_json(json.load(f)))
+  return ml_collections.ConfigDict(_from_json(json.loads(path.read_text())))
 
 
 def _from_json(value: Any) -> Any:
@@ -62,6 +63,7 @@ class Trained:
   params: Any
   step: int
   origin: str  # 'best' or 'checkpoints': the WORKDIR subdirectory they came from
+  adapters: Any = None  # a LoRA workdir's trained adapters (params has them folded in)
 
 
 def restore(workdir: str, config: ml_collections.ConfigDict, step: int | None = None
@@ -110,7 +112,8 @@ def restore(workdir: str, config: ml_collections.ConfigDict, step: int | None = 
   except (FileNotFoundError, ValueError) as e:
     raise WorkdirError(f'{workdir} holds LoRA adapters whose base could not be loaded: '
                        f'{e}') from e
-  return Trained(run=run, params=params, step=step, origin=origin)
+  return Trained(run=run, params=params, step=step, origin=origin,
+                 adapters=state.params if run.lora else None)
 
 
 def _local_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

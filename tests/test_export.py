@@ -12,6 +12,7 @@ from gemma import transformer as gemma_transformer
 
 from mtnt_tpu import evaluate
 from mtnt_tpu import export
+from mtnt_tpu import formats
 from mtnt_tpu import model as model_lib
 from mtnt_tpu import tokenizer as tokenizer_lib
 from mtnt_tpu import workdir as workdir_lib
@@ -85,3 +86,19 @@ def test_export_dtype_casts_every_weight(exported, tmp_path):
   assert {str(np.asarray(x).dtype) for x in jax.tree.leaves(half)} == {'bfloat16'}
   jax.tree.map(lambda h, f: np.testing.assert_array_equal(
       np.asarray(h), np.asarray(f).astype(h.dtype)), half, want)
+
+
+def test_export_hf_loads_back_as_the_trained_weights(exported, tmp_path):
+  wd, _, _ = exported
+  out = tmp_path / 'hf'
+  path = export.export(str(wd), str(out), fmt=formats.HF, dtype='float32')
+  assert sorted(p.name for p in out.iterdir()) == [
+      'config.json', 'generation_config.json', 'model.safetensors', 'mtnt_export.json',
+      'tokenizer.model']
+  trained = workdir_lib.restore(str(wd), workdir_lib.load_config(str(wd)))
+  loaded = formats.load(path, trained.run.abstract_params, 'tiny')
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               loaded, trained.params)
+  with pytest.raises(workdir_lib.WorkdirError, match='--format peft writes LoRA adapters'):
+    export.export(str(wd), str(tmp_path / 'peft'), fmt=formats.PEFT)
+  assert not (tmp_path / 'peft').exists()
