@@ -1,9 +1,9 @@
 """The real Gemma 3 270M fine-tuned into an en->fr translator on a 2-core CPU.
 
-One-time set-up (neither counts against the recipe's time budget):
-    uv run --extra real python -m mtnt_tpu.convert --out ~/models/gemma3-270m
-    uv run python -m mtnt_tpu.prepare --train_src .../train.en --train_dst .../train.fr \
-        --valid_src .../val.en --valid_dst .../val.fr --out_dir ~/data/multi30k
+One-time set-up (neither counts against the recipe's 25 minutes; README,
+"A real Gemma that translates", has the commands):
+    python -m mtnt_tpu.convert ... --variant gemma3_270m --out ~/models/gemma3-270m
+    python -m mtnt_tpu.prepare ... --out_dir ~/data/multi30k   (Multi30k en-fr)
 
 BENCHMARKS.md ("A real Gemma that translates") says what each choice here bought.
 """
@@ -17,8 +17,8 @@ def get_config():
   c = common.get_config()
   home = os.path.expanduser('~')
   c.model.variant = 'gemma3_270m'
-  c.model.checkpoint = os.path.join(home, 'models', 'gemma3-270m', 'ckpt')
-  c.tokenizer.path = os.path.join(home, 'models', 'gemma3-270m', 'tokenizer.model')
+  c.model.checkpoint = os.path.join(home, 'models', 'gemma3-270m', 'gemma3_270m')
+  c.tokenizer.path = ''  # the converted checkpoint's own, beside it
   c.data.dir = os.path.join(home, 'data', 'multi30k')
   c.data.max_len = 128
   c.train.batch_size = 4
