@@ -35,7 +35,6 @@ def get_config():
   c.optim.learning_rate = 1e-4
   c.optim.warmup_steps = 20
   c.optim.weight_decay = 0.0
-  c.data.noise = 0.3  # MTNT-style noise on 30% of sources, anew each epoch
   c.runtime.cpu_devices = 1
   c.mesh.data = 1
   c.mesh.fsdp = 1
