@@ -1,7 +1,7 @@
 """README's picture of the served page: a real headless Chromium on a trained workdir.
 
     uv run --extra test python benchmarks/screenshot.py --workdir /tmp/mtnt_tiny \
-        [--out docs/serve.png]
+        [--out docs/serve.png] [--serve_flags=--cpu_devices=1]
 
 Starts `python -m mtnt_tpu.serve --workdir WORKDIR` on loopback, opens its page
 in Debian's headless Chromium (apt-get install chromium chromium-driver),
@@ -30,10 +30,12 @@ def main():
   p.add_argument('--workdir', default='/tmp/mtnt_tiny')
   p.add_argument('--out', default=os.path.join(ROOT, 'docs', 'serve.png'))
   p.add_argument('--width', type=int, default=900)
-  p.add_argument('--height', type=int, default=640)
+  p.add_argument('--height', type=int, default=760)
+  p.add_argument('--serve_flags', default='', help='extra flags for python -m mtnt_tpu.serve')
   args = p.parse_args()
   from selenium.webdriver.common.by import By  # pylint: disable=import-outside-toplevel
-  with harness.serve(args.workdir, '--access_log=false', cwd=ROOT) as server, \
+  with harness.serve(args.workdir, '--access_log=false', *args.serve_flags.split(),
+                     cwd=ROOT) as server, \
        harness.chromium(args.width, args.height) as browser:
     browser.get(server.url)
     _wait(lambda: 'step' in browser.find_element(By.ID, 'model').text)
