@@ -9,6 +9,8 @@ from mtnt_tpu import lora
 from mtnt_tpu import model as model_lib
 from mtnt_tpu import steps
 
+pytestmark = pytest.mark.slow  # three compiles of 1024-token training steps
+
 _VOCAB, _L = 800, 1024  # long rows: attention is about half the FLOPs, so both terms count
 
 
