@@ -84,7 +84,7 @@ def _sampler(run, params, prompts, args) -> _Contender:
   s = gemma_sampler.Sampler(gemma_transformer.Transformer(run.model_config), tok.processor,
                             params, cache_length=args.max_prompt_len + args.max_decode_len)
   texts = [tok.decode(p[1:]) for p in prompts]
-  assert all(list(s.tokenize(t)) == p for t, p in zip(texts, prompts)), 'the same prompt ids'
+  assert all(s.tokenize(t).tolist() == p for t, p in zip(texts, prompts)), 'the same prompt ids'
   def decode(rows):
     result = s([texts[i] for i in rows], total_generation_steps=args.max_decode_len,
                return_logits=False)

@@ -24,14 +24,17 @@ split over the batch axes; the generated tokens come back replicated, so every
 process of a multi-host run gets all of them. Every process must call
 `generate` with the same prompts (it decodes global arrays).
 
-Beam search (beam_size K > 1) keeps B x K rows in the cache. Each step takes
-the K best (prompt, beam, token) extensions of a prompt by total log-prob
-(per beam the top K of its V tokens, then the top K of those K x K), gathers
-the cache rows of each survivor's parent, and moves an extension that ends
-(a stop token) to the prompt's best finished hypothesis if its
-length-normalised score beats it. A prompt is done once no live beam can
-still beat that hypothesis; with K = 1 this is greedy decoding, token for
-token. The score is GNMT's length penalty (Wu et al. 2016):
+Beam search (beam_size K > 1) keeps B x K rows in the cache. Beam 0 follows
+greedy's path (it always takes its own likeliest token); each step the other
+K - 1 beams are the best of the prompt's other (beam, token) extensions by
+total log-prob (per beam the top K of its V tokens, then the best of those
+K x K). The cache rows of each survivor's parent are gathered, and an
+extension that ends (a stop token) becomes the prompt's best finished
+hypothesis if its length-normalised score beats it. A prompt is done once no
+live beam can still beat that hypothesis. So greedy's translation is always
+a candidate and the result never scores below it (plain beam search can
+prune greedy's path and return worse); with K = 1 this is greedy decoding,
+token for token. The score is GNMT's length penalty (Wu et al. 2016):
 `log P(y) / ((5 + |y|) / 6) ** alpha` (`length_normalized`; |y| counts the
 stop token; alpha = 0 is the plain log-probability, larger alpha favours
 longer translations).
@@ -216,8 +219,16 @@ def _beam_search(params, prompt_BP: jax.Array, length_B: jax.Array, rng: jax.Arr
     b = logits_BKV.shape[0]
     top_BKK, token_BKK = jax.lax.top_k(logits_BKV, K)
     logz_BK1 = jax.nn.logsumexp(logits_BKV.astype(jnp.float32), axis=-1, keepdims=True)
-    total_BKK = alive_BK[:, :, None] + (top_BKK.astype(jnp.float32) - logz_BK1)
-    score_BK, pick_BK = jax.lax.top_k(total_BKK.reshape(b, K * K), K)
+    total_BKM = (alive_BK[:, :, None] + (top_BKK.astype(jnp.float32) - logz_BK1))
+    total_BM = total_BKM.reshape(b, K * K)
+    # Beam 0 is greedy's path: it always takes its own likeliest token, so
+    # greedy's translation is always a candidate and the result never scores
+    # below it. The other K - 1 beams are the best of the other extensions.
+    score_BK, pick_BK = total_BM[:, :1], jnp.zeros((b, 1), jnp.int32)
+    if K > 1:
+      rest_score, rest_pick = jax.lax.top_k(total_BM.at[:, 0].set(-jnp.inf), K - 1)
+      score_BK = jnp.concatenate([score_BK, rest_score], axis=1)
+      pick_BK = jnp.concatenate([pick_BK, rest_pick.astype(jnp.int32)], axis=1)
     token_BK = jnp.take_along_axis(token_BKK.reshape(b, K * K), pick_BK, axis=1)
     return score_BK, pick_BK // K, token_BK
 

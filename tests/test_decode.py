@@ -306,6 +306,7 @@ def test_beam_search_never_scores_below_greedy(trained, decoder, prompts, alpha)
     assert scores[i] >= _score(tr, p, g, alpha) - 1e-5
     differ += b != g[:-1]
   assert differ, 'beam search found a better translation than greedy for some sentence'
+  assert all(scores[i] > -np.inf for i in range(len(prompts)))
 
 
 def test_bad_decoding_options_are_one_line_errors(trained):
@@ -316,3 +317,17 @@ def test_bad_decoding_options_are_one_line_errors(trained):
   for field, value in (('beam_size', 0), ('decode_batch_size', 0), ('length_penalty', -1.0)):
     with pytest.raises(train.ConfigError, match=f'config.eval.{field}={value}'):
       train.build(helpers.tiny_config(**{f'eval.{field}': value}))
+
+
+def test_translate_beam_size_flag_decodes_like_the_beam_decoder(trained):
+  wd, tr = trained
+  sources = [p.src for p in evaluate.eval_pairs(tr.run.config.data, 6)]
+  r = trained_run.run_module('translate', '--workdir', str(wd), '--beam_size', '3',
+                             '--length_penalty', '0.0', '--max_prompt_len', str(P),
+                             '--max_decode_len', str(T), stdin='\n'.join(sources) + '\n')
+  assert r.returncode == 0, r.stderr[-3000:]
+  beam = _beam_decoder(tr, 3, 0.0)
+  assert r.stdout.splitlines() == beam.translate(tr.params, sources)
+  r = trained_run.run_module('translate', '--workdir', str(wd), '--beam_size', '2',
+                             '--temperature', '0.7', stdin='A cat.\n')
+  assert r.returncode != 0 and 'beam search is deterministic' in r.stderr
