@@ -97,22 +97,29 @@ def chunked_sums(cfg, compute_dtype, loss_chunk: int, x_BLD, table_VD, targets_B
     return jax.lax.scan(body, (zero, zero), (x_nCD, t_nC, m_nC))[0]
 
   def sums_fwd(x_nCD, w_VD, t_nC, m_nC):
+    # The table's gradient only when it is differentiated: with LoRA, or a
+    # frozen embedding, that is a third of this loss's work skipped.
+    with_w = w_VD.perturbed
+    x_nCD, w_VD, t_nC, m_nC = (a.value for a in (x_nCD, w_VD, t_nC, m_nC))
+
     def body(acc, xs):
       x_CD, t_C, m_C = xs
-      loss, pullback, correct = jax.vjp(lambda x, w: chunk(x, w, t_C, m_C), x_CD, w_VD,
-                                        has_aux=True)
-      dx_CD, dw_VD = pullback(jnp.ones_like(loss))
-      return (acc[0] + loss, acc[1] + correct, acc[2] + dw_VD), dx_CD
-    (loss, correct, dw_VD), dx_nCD = jax.lax.scan(
-        body, (zero, zero, jnp.zeros_like(w_VD)), (x_nCD, t_nC, m_nC))
-    return (loss, correct), (dx_nCD, dw_VD)
+      f = lambda x, *w: chunk(x, *(w or (w_VD,)), t_C, m_C)
+      loss, pullback, correct = jax.vjp(f, x_CD, *([w_VD] if with_w else []), has_aux=True)
+      dx_CD, *dw = pullback(jnp.ones_like(loss))
+      return (acc[0] + loss, acc[1] + correct, [a + d for a, d in zip(acc[2], dw)]), dx_CD
+
+    dw_init = [jnp.zeros_like(w_VD)] if with_w else []
+    (loss, correct, dw), dx_nCD = jax.lax.scan(body, (zero, zero, dw_init), (x_nCD, t_nC, m_nC))
+    return (loss, correct), (dx_nCD, dw)
 
   def sums_bwd(res, cotangents):
-    dx_nCD, dw_VD = res
+    dx_nCD, dw = res
     g = cotangents[0]  # the correct count has no gradient
-    return dx_nCD * g.astype(dx_nCD.dtype), dw_VD * g.astype(dw_VD.dtype), None, None
+    return (dx_nCD * g.astype(dx_nCD.dtype), dw[0] * g.astype(dw[0].dtype) if dw else None,
+            None, None)
 
-  sums.defvjp(sums_fwd, sums_bwd)
+  sums.defvjp(sums_fwd, sums_bwd, symbolic_zeros=True)
   return sums(split(x_BLD), table_VD, split(targets_BL), split(mask_BL))
 
 
