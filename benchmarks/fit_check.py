@@ -47,6 +47,7 @@ GIB = 1 << 30
 # itself (on a v4 it refuses above 30.75 of the 32 GiB).
 TARGET_FRACTION = 0.95
 MAX_LEN = 128
+LOSS_CHUNK = 8192  # tokens of logits at a time (config.model.loss_chunk; 0 = whole)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +102,7 @@ def aot_command(row: Row, batch: int, json_path: str) -> list[str]:
   return ['python', '-m', 'mtnt_tpu.aot', '--config', 'configs/v4_8.py',
           '--topology', row.topology, f'--config.model.variant={row.variant}',
           '--config.model.checkpoint=random', f'--config.model.remat={row.remat}',
+          f'--config.model.loss_chunk={LOSS_CHUNK}',
           f'--config.data.max_len={MAX_LEN}', f'--config.train.batch_size={batch}',
           '--json', json_path]
 
@@ -214,7 +216,8 @@ def _table(results: list[Result], base_batch: int, max_compiles: int | None, arg
       f'`{argv}` ran `python -m mtnt_tpu.aot` (the real train step compiled by libtpu '
       f'{_version("libtpu")} with jax {_version("jax")} for the topology, on the 2-vCPU '
       'development machine, no TPU) for each row: configs/v4_8.py (AdamW, fp32 master weights and '
-      'optimizer state, bf16 compute, the whole slice in `fsdp`), random weights, '
+      'optimizer state, bf16 compute, the whole slice in `fsdp`, the loss\'s logits formed '
+      f'config.model.loss_chunk = {LOSS_CHUNK} tokens at a time), random weights, '
       f'max_len {MAX_LEN}. Per-chip memory is XLA\'s buffer assignment (arguments + outputs '
       '- donated aliases + temporaries + code) against 32 GiB HBM per v4 chip, at the base '
       f'batch of {base_batch} rows ({base_batch * MAX_LEN} tokens). The largest batch is a '

@@ -60,6 +60,19 @@ def test_sums_and_gradients_equal_plain(softcap, loss_chunk):
   jax.tree.map(_close, g_chunked, g_plain)
 
 
+def test_frozen_table_gradients_equal_plain():
+  """The embedding frozen (LoRA, config.train.freeze): its gradient is skipped, the rest equal."""
+  model, params = _tiny(5.0)
+  batch = _random_batch(300)
+  rest = {k: v for k, v in params.items() if k != 'embedder'}
+
+  def f(r, chunk):
+    return steps.token_sums(model, {**r, 'embedder': params['embedder']}, batch, jnp.float32,
+                            chunk)['loss_sum']
+
+  jax.tree.map(_close, jax.grad(f)(rest, 16), jax.grad(f)(rest, 0))
+
+
 def test_softcap_is_applied():
   """With a tight soft-cap every logit is within it, so the loss moves."""
   model, params = _tiny(None)
@@ -118,21 +131,20 @@ def test_bad_loss_chunk_is_refused():
 _BYTES = {'f32': 4, 'bf16': 2, 's32': 4, 'u32': 4, 'pred': 1}
 
 
-def _largest_buffer(loss_chunk: int, vocab: int, batch: dict) -> int:
-  """Bytes of the largest array anywhere in the compiled gradient's HLO."""
-  model, params = _tiny(30.0, vocab)
-  grad = jax.jit(jax.grad(
-      lambda p, b: steps.token_sums(model, p, b, jnp.float32, loss_chunk)['loss_sum']))
-  hlo = grad.lower(params, batch).compile().as_text()
+def _largest_buffer(loss_chunk: int, vocab: int, batch: int, length: int) -> int:
+  """Bytes of the largest array in the compiled train step's HLO (one device's share)."""
+  config = helpers.tiny_config(**{'train.batch_size': batch, 'data.max_len': length,
+                                   'model.loss_chunk': loss_chunk})
+  run = train.build(config, vocab_size=vocab)
+  hlo = train.lower_steps(run)[0].compile().as_text()
   return max(_BYTES[t] * int(np.prod([int(d) for d in dims.split(',')]))
              for t, dims in re.findall(r'\b(f32|bf16|s32|u32|pred)\[([\d,]+)\]', hlo))
 
 
-def test_logits_are_never_whole_in_the_gradient():
-  """A large vocabulary: the plain gradient holds [tokens, vocab] fp32 logits,
-  the chunked one nothing larger than a chunk's."""
-  vocab, tokens = 16_384, 16 * 64
-  batch = _random_batch(vocab, 16, 64)
-  logits_bytes = tokens * vocab * 4
-  assert _largest_buffer(0, vocab, batch) >= logits_bytes  # the check can fail
-  assert _largest_buffer(tokens // 8, vocab, batch) <= logits_bytes / 8
+def test_logits_are_never_whole_in_the_train_step():
+  """A large vocabulary on the 2 x 4 mesh: the plain train step holds each
+  device's [tokens, vocab] fp32 logits, the chunked one nothing near that."""
+  vocab, batch, length = 16_384, 64, 64
+  local_logits = batch * length // 8 * vocab * 4  # 4x the embedding table
+  assert _largest_buffer(0, vocab, batch, length) >= local_logits  # the check can fail
+  assert _largest_buffer(batch * length // 8, vocab, batch, length) <= local_logits / 4
