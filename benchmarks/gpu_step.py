@@ -158,8 +158,8 @@ def _out_of_memory(e: Exception) -> bool:
 
 
 def table(results: list[Result], device_kind: str) -> str:
-  out = [f'| batch x length (tokens) | loss_chunk | step time (s) | tokens/s | MFU | '
-         f'peak memory (GiB) | compile (s) | first loss |',
+  out = ['| batch x length (tokens) | loss_chunk | step time (s) | tokens/s | MFU | '
+         'peak memory (GiB) | compile (s) | first loss |',
          '|---|---:|---:|---:|---:|---:|---:|---:|']
   for r in results:
     shape = f'{r.batch} x {r.length} ({r.batch * r.length})'

@@ -79,7 +79,6 @@ def _child(args) -> None:
   from mtnt_tpu import model as model_lib
   from mtnt_tpu import sharding
   from mtnt_tpu import checkpoint as checkpoint_lib
-  import numpy as np
 
   if args.child == 'load':
     cfg = model_lib.build_config(args.variant, args.vocab)
@@ -180,7 +179,6 @@ def _real_model(args, tmp: str, out: dict, save) -> None:
   from mtnt_tpu import model as model_lib
   from mtnt_tpu import tokenizer as tokenizer_lib
   from mtnt_tpu import train
-  from mtnt_tpu.formats import hf
 
   t0 = time.perf_counter()
   tok = tokenizer_lib.Tokenizer(formats.tokenizer_path('', args.gguf))
@@ -264,7 +262,6 @@ def _real_model(args, tmp: str, out: dict, save) -> None:
 def _gemma_2b_stand_in(args, tmp: str) -> dict:
   """gemma_2b's tensors (embedding 256128x2048 and --stand_in_layers layers) in bf16."""
   import dataclasses
-  import jax
   import numpy as np
   from mtnt_tpu import model as model_lib
   from mtnt_tpu.formats import hf

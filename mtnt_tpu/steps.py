@@ -159,7 +159,7 @@ def chunked_sums(cfg, compute_dtype, loss_chunk: int, x_BLD, table_VD, targets_B
     return (loss, correct), (dx_nCD, dw_VD if table_grad else None)
 
   def sums_bwd(res, cotangents):
-    dx_nCD, dw = res
+    dx_nCD, dw_VD = res
     g = cotangents[0]  # the correct count has no gradient
     if isinstance(g, jax.custom_derivatives.SymbolicZero):
       return None, None, None, None

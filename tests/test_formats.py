@@ -22,7 +22,6 @@ from mtnt_tpu import formats
 from mtnt_tpu import lora as lora_lib
 from mtnt_tpu import model as model_lib
 from mtnt_tpu import sharding
-from mtnt_tpu.formats import gguf as gguf_format
 from mtnt_tpu.formats import hf
 from mtnt_tpu.formats import kaggle
 from mtnt_tpu.formats import layout
