@@ -114,8 +114,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   workdir_lib.quiet_libraries()
   try:
-    workdir_lib.use_cpu_devices(workdir_lib.load_config(FLAGS.workdir))
-    path = export(FLAGS.workdir, FLAGS.out, step=FLAGS.step, name=FLAGS.name,
+    workdir = workdir_lib.resolve(FLAGS.workdir)
+    workdir_lib.use_cpu_devices(workdir_lib.load_config(workdir))
+    path = export(workdir, FLAGS.out, step=FLAGS.step, name=FLAGS.name,
                   dtype=FLAGS.dtype, merge=FLAGS.merge)
   except (ValueError, OSError) as e:  # WorkdirError among them
     raise SystemExit(f'error: {e}') from None

@@ -16,6 +16,7 @@ from ml_collections import config_flags
 
 from mtnt_tpu import runtime
 from mtnt_tpu import train
+from mtnt_tpu import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -52,7 +53,7 @@ def main(argv):
                jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
   try:
-    train.train_and_evaluate(config, _WORKDIR.value)
+    train.train_and_evaluate(config, workdir_lib.resolve(_WORKDIR.value))
   except (train.ConfigError, FloatingPointError) as e:
     raise SystemExit(f'error: {e}') from None
 

@@ -1,5 +1,5 @@
 """Process-level set-up: devices, the distributed runtime, the compilation
-cache, and the preemption signal. Everything here runs once, before training."""
+cache, the preemption signal, and the profiler."""
 
 from __future__ import annotations
 
@@ -121,3 +121,35 @@ class Preemption:
   def close(self) -> None:
     if not self._multi:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+class Profile:
+  """A JAX profile of steps [start, stop) into WORKDIR/profile (TensorBoard, Perfetto)."""
+
+  def __init__(self, steps_range: str, workdir: str):
+    self.start, self.stop = parse_step_range(steps_range)
+    self._dir = os.path.join(workdir, 'profile')
+
+  def before(self, step: int) -> None:
+    if step == self.start:
+      jax.profiler.start_trace(self._dir)
+
+  def after(self, step: int, state) -> None:
+    if step + 1 == self.stop:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      logging.info('profile of steps %d..%d written to %s', self.start, self.stop - 1, self._dir)
+
+
+def parse_step_range(text: str) -> tuple[int, int]:
+  """'10:13' -> (10, 13); '' -> (-1, -1)."""
+  if not text:
+    return -1, -1
+  try:
+    start, stop = (int(x) for x in text.split(':'))
+  except ValueError:
+    start = stop = -1
+  if not 0 <= start < stop:
+    raise ValueError(f"config.profile.steps={text!r}: use 'START:STOP' with "
+                     "START < STOP, e.g. '10:13'")
+  return start, stop

@@ -74,9 +74,9 @@ def translate_lines(trained: workdir_lib.Trained, lines: list[str], out: TextIO,
                     batch_size: int, max_prompt_len: int, max_decode_len: int,
                     sampling: decode_lib.Sampling) -> list[str]:
   """Writes one translation per line to `out` as each batch finishes; returns them."""
-  c = trained.run.config
+  c = trained.setup.config
   decoder = decode_lib.Decoder(
-      trained.run, trained.run.tokenizer, batch_size=batch_size,
+      trained.setup, trained.setup.tokenizer, batch_size=batch_size,
       max_prompt_len=max_prompt_len, max_decode_len=max_decode_len, dst_lang=c.data.dst_lang,
       chat_template=c.model.chat_template, sampling=sampling)
   progress = _Progress(len(lines))
@@ -96,8 +96,9 @@ def main(argv):
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # stderr is for progress and problems
   workdir_lib.quiet_libraries()
+  workdir = workdir_lib.resolve(FLAGS.workdir)
   try:
-    config = workdir_lib.load_config(FLAGS.workdir)
+    config = workdir_lib.load_config(workdir)
     workdir_lib.use_cpu_devices(config)
     sampling = decode_lib.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.seed)
     lines = _read_lines(FLAGS.input)
@@ -105,12 +106,12 @@ def main(argv):
     if references is not None and len(references) != len(lines):
       raise ValueError(f'--reference {FLAGS.reference} has {len(references)} lines, the '
                        f'input {len(lines)}; pass the references of these sentences')
-    trained = workdir_lib.restore(FLAGS.workdir, config, FLAGS.step)
+    trained = workdir_lib.restore(workdir, config, FLAGS.step)
     out = open(FLAGS.output, 'w', encoding='utf-8') if FLAGS.output else sys.stdout
   except (ValueError, OSError) as e:  # WorkdirError among them
     raise SystemExit(f'error: {e}') from None
   print(f'translating {len(lines)} lines with step {trained.step} from '
-        f'{os.path.join(FLAGS.workdir, trained.origin)}', file=sys.stderr)
+        f'{os.path.join(workdir, trained.origin)}', file=sys.stderr)
   try:
     hypotheses = translate_lines(
         trained, lines, out, batch_size=FLAGS.batch_size,
