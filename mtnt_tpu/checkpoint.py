@@ -159,8 +159,11 @@ class Checkpoints:
         partial_restore=True)
     path = os.path.join(self._step_path(step, directory), 'state')
     with ocp.PyTreeCheckpointer() as checkpointer:
-      restored = self._read(step, directory, lambda: checkpointer.restore(path, args=args))
-    return restored['params']
+      params = self._read(step, directory,
+                          lambda: checkpointer.restore(path, args=args))['params']
+    if not finite(params):
+      raise Damaged(step, self._step_path(step, directory), 'it holds NaN or inf')
+    return params
 
   def check_finite(self, step: int, state, loss: float = 0.0) -> None:
     """Raises NonFinite, saying truly where a rerun resumes, unless all is finite."""

@@ -7,6 +7,7 @@ each other through the TPU metadata. Elsewhere pass --coordinator_address,
 
 import logging as logging_std
 import os
+import re
 
 from absl import app
 from absl import flags
@@ -39,6 +40,20 @@ class _QuietLibraries(logging_std.Filter):
         f'{os.sep}{lib}{os.sep}' in record.pathname for lib in ('orbax', 'grain'))
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a --config.x.y naming no field as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections' locked-config lookup
+    name = re.match(r'[\\\'"]*(\w*)', str(e)).group(1)
+    guess = re.search(r'Did you mean \\?"(\w+)\\?"', str(e))
+    flag = next((a.split('=')[0] for a in argv if a.startswith('--config.')
+                 and name in a.split('=')[0].split('.')), f'--config.*.{name}')
+    raise SystemExit(f'error: {flag}: the config has no field {name!r}; '
+                     + (f'did you mean {guess.group(1)!r}?' if guess else
+                        'see configs/common.py for the fields')) from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -59,4 +74,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -126,6 +126,7 @@ class Loop:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains to config.train.num_steps (or a SIGTERM); returns the last metrics."""
   started = time.perf_counter()
+  workdir = workdir_lib.resolve(workdir)
   run = build(config)
   workdir_lib.prepare(workdir, config)
   c = config
@@ -139,10 +140,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   ckpts = checkpoint_lib.Checkpoints(workdir, c.train.keep_checkpoints,
                                      c.eval.best_metric, c.eval.best_mode)
-  data = iter(pipeline.train_dataset(c.data, c.tokenizer.path, c.train.batch_size,
-                                     pipeline.HostShard.current(),
-                                     chat_template=c.model.chat_template))
-  state = _initial_state(run, ckpts, data)
+  state, data = _initial_state(run, ckpts)
+  workdir_lib.record_config(workdir, config)
   steps = compile_steps(run)
   logging.info('compiled train and eval steps in %.1fs (compilation cache: %s)',
                steps.compile_s, cache or 'off')
@@ -165,19 +164,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.close()
 
 
-def _initial_state(run: state_lib.Run, ckpts: checkpoint_lib.Checkpoints,
-                   data: grain.DatasetIterator) -> steps_lib.TrainState:
-  """The resume order: this workdir's latest, else pretrained weights, else random."""
+def _initial_state(run: state_lib.Run, ckpts: checkpoint_lib.Checkpoints
+                   ) -> tuple[steps_lib.TrainState, grain.DatasetIterator]:
+  """The resume order: this workdir's newest intact checkpoint, else pretrained
+  weights, else random init; with the data iterator where that state left it."""
   c = run.config
-  latest = ckpts.latest_step()
-  if latest is not None:
-    logging.info('resuming from %s step %d', ckpts.directory, latest)
-    return ckpts.restore(latest, run.abstract_state, data)
+  data = _train_data(c)
+  newest = ckpts.restore_newest(run.abstract_state, data)
+  if newest is not None:
+    logging.info('resuming from %s step %d', ckpts.directory, newest[0])
+    return newest[1], data
+  data = _train_data(c)  # a failed restore may have moved it
   if not run.random_init:
     logging.info('loading pretrained weights from %s', c.model.checkpoint)
-    return state_lib.load_pretrained(run)
+    return state_lib.load_pretrained(run), data
   logging.info('random init of %s', c.model.variant)
-  return state_lib.init_state(run, jax.random.key(c.train.seed))
+  return state_lib.init_state(run, jax.random.key(c.train.seed)), data
+
+
+def _train_data(c: ml_collections.ConfigDict) -> grain.DatasetIterator:
+  return iter(pipeline.train_dataset(c.data, c.tokenizer.path, c.train.batch_size,
+                                     pipeline.HostShard.current(),
+                                     chat_template=c.model.chat_template))
 
 
 def _loop(loop: Loop, state: steps_lib.TrainState) -> dict:
@@ -186,7 +194,7 @@ def _loop(loop: Loop, state: steps_lib.TrainState) -> dict:
   every = lambda n, step: step % n == 0 or step == num_steps
   last: dict[str, float] = {}
   if start == 0 and c.train.eval_at_start:
-    loop.writer.write(0, loop.evaluate(loop.plain_params(state.params, loop.frozen), 0))
+    last = _evaluate(loop, state, 0) or {}
   for step in range(start, num_steps):
     done = step + 1
     loop.profile.before(step)
@@ -201,14 +209,15 @@ def _loop(loop: Loop, state: steps_lib.TrainState) -> dict:
                                'compile_time': loop.steps.compile_s})
     if every(c.train.log_every, done):
       last = log.close(done)
-      _check_finite(last)
+      loop.ckpts.check_finite(done, state, last['loss'])
     preempted = loop.preemption.reached(done)
-    if every(c.train.eval_every, done):
+    if every(c.train.eval_every, done) and not preempted:
       with log.paused():
-        scores = loop.evaluate(loop.plain_params(state.params, loop.frozen), done)
-        loop.writer.write(done, scores)
-        last.update(scores)
-        loop.ckpts.save_best(done, state, scores)
+        scores = _evaluate(loop, state, done)
+        if scores is not None:
+          last.update(scores)
+          loop.ckpts.save_best(done, state, scores)
+      preempted = scores is None
     if every(c.train.checkpoint_every, done) or preempted:
       with log.paused():
         loop.ckpts.save(done, state, loop.data)
@@ -218,10 +227,13 @@ def _loop(loop: Loop, state: steps_lib.TrainState) -> dict:
   return last
 
 
-def _check_finite(record: dict[str, float]) -> None:
-  loss = record['loss']
-  if not jnp.isfinite(loss):
-    raise FloatingPointError(
-        f'loss is {loss}; no checkpoint of it was written. Lower '
-        'config.optim.learning_rate (or raise clip_norm) and rerun: it resumes '
-        'from the last good checkpoint')
+def _evaluate(loop: Loop, state: steps_lib.TrainState, step: int) -> dict | None:
+  """The eval scores, written; None when a SIGTERM cut the eval short."""
+  try:
+    with loop.preemption.interruptible():
+      scores = loop.evaluate(loop.plain_params(state.params, loop.frozen), step)
+  except runtime.Preempted:
+    logging.warning('SIGTERM during the eval of step %d: eval dropped to save first', step)
+    return None
+  loop.writer.write(step, scores)
+  return scores

@@ -45,11 +45,21 @@ def define_flags() -> None:
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 
 
-def _read_lines(path: str | None) -> list[str]:
+def read_lines(path: str | None) -> list[str]:
+  """The lines of `path` (stdin when None); a line that is not UTF-8 is named."""
   if path is None:
-    return sys.stdin.read().splitlines()
-  with open(path, encoding='utf-8') as f:
-    return f.read().splitlines()
+    data, where = sys.stdin.buffer.read(), 'stdin'
+  else:
+    with open(path, 'rb') as f:
+      data, where = f.read(), path
+  lines = []
+  for n, raw in enumerate(data.splitlines(), 1):
+    try:
+      lines.append(raw.decode('utf-8'))
+    except UnicodeDecodeError as e:
+      raise ValueError(f'{where} line {n} is not UTF-8 ({e.reason} at byte {e.start} of the '
+                       'line); convert the file, e.g. iconv -f latin1 -t utf-8') from None
+  return lines
 
 
 class _Progress:
@@ -101,13 +111,16 @@ def main(argv):
     config = workdir_lib.load_config(workdir)
     workdir_lib.use_cpu_devices(config)
     sampling = decode_lib.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.seed)
-    lines = _read_lines(FLAGS.input)
-    references = _read_lines(FLAGS.reference) if FLAGS.reference else None
+    lines = read_lines(FLAGS.input)
+    references = read_lines(FLAGS.reference) if FLAGS.reference else None
     if references is not None and len(references) != len(lines):
       raise ValueError(f'--reference {FLAGS.reference} has {len(references)} lines, the '
                        f'input {len(lines)}; pass the references of these sentences')
     trained = workdir_lib.restore(workdir, config, FLAGS.step)
-    out = open(FLAGS.output, 'w', encoding='utf-8') if FLAGS.output else sys.stdout
+    # --output appears only once every line is translated: an existing file
+    # is never truncated by a run that fails.
+    partial = f'{FLAGS.output}.partial-{os.getpid()}' if FLAGS.output else None
+    out = open(partial, 'w', encoding='utf-8') if partial else sys.stdout
   except (ValueError, OSError) as e:  # WorkdirError among them
     raise SystemExit(f'error: {e}') from None
   print(f'translating {len(lines)} lines with step {trained.step} from '
@@ -117,9 +130,14 @@ def main(argv):
         trained, lines, out, batch_size=FLAGS.batch_size,
         max_prompt_len=FLAGS.max_prompt_len or config.data.max_len,
         max_decode_len=FLAGS.max_decode_len or config.eval.max_decode_len, sampling=sampling)
-  finally:
-    if out is not sys.stdout:
+  except BaseException:
+    if partial:
       out.close()
+      os.remove(partial)
+    raise
+  if partial:
+    out.close()
+    os.replace(partial, FLAGS.output)
   if references is not None:
     bleu, chrf = BLEU(), CHRF()
     b, c = bleu.corpus_score(hypotheses, [references]), chrf.corpus_score(hypotheses,

@@ -40,18 +40,22 @@ def prepare(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Checks the workdir is readable, writable and of this model; records the config.
 
   Runs after every other check and before anything is compiled, so a bad
-  config never leaves a workdir behind and a bucket without credentials fails
-  in seconds. Raises checks.ConfigError.
+  config never leaves a workdir behind and a bucket without credentials or a
+  read-only disk fails in seconds. A workdir that holds checkpoints but lost
+  its config.json gets it back only once a checkpoint has restored with this
+  config (`record_config`), never from a run that then fails.
+  Raises checks.ConfigError.
   """
   root = epath.Path(workdir)
   path = root / 'config.json'
   try:
     old = json.loads(path.read_text()) if path.exists() else None
-    if old is None and jax.process_index() == 0:
-      root.mkdir(parents=True, exist_ok=True)
-      tmp = root / 'config.json.tmp'
-      tmp.write_text(config.to_json_best_effort(indent=2))
-      tmp.rename(path)
+    root.mkdir(parents=True, exist_ok=True)
+    probe = root / f'.write_check.{jax.process_index()}'  # every process writes checkpoints
+    probe.write_text('')
+    probe.unlink()
+    if old is None and not _has_checkpoints(root):
+      record_config(workdir, config)
   except Exception as e:  # noqa: BLE001 - local, GCS and fsspec errors differ
     hint = ('give this VM\'s service account write access to the bucket, or run '
             '`gcloud auth application-default login`' if '://' in workdir
@@ -59,12 +63,27 @@ def prepare(workdir: str, config: ml_collections.ConfigDict) -> None:
     raise checks.ConfigError(
         f'cannot use workdir {workdir} ({type(e).__name__}: {e}); {hint}') from e
   # What the checkpoints' tree depends on: another value could never restore.
-  for section, field in (('model', 'variant'), ('lora', 'rank'), ('lora', 'targets')):
+  for section, field in (('model', 'variant'), ('lora', 'rank'), ('lora', 'targets'),
+                         ('optim', 'name')):
     was = (old or {}).get(section, {}).get(field, config[section][field])
     if was != config[section][field]:
       raise checks.ConfigError(
           f'workdir {workdir} holds a run with config.{section}.{field}={was!r}, this config '
           f'has {config[section][field]!r}; use a new --workdir (or the old value)')
+
+
+def record_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes WORKDIR/config.json (process 0, temp file then rename) unless it exists."""
+  root = epath.Path(workdir)
+  if jax.process_index() == 0 and not (root / 'config.json').exists():
+    tmp = root / 'config.json.tmp'
+    tmp.write_text(config.to_json_best_effort(indent=2))
+    tmp.rename(root / 'config.json')
+
+
+def _has_checkpoints(root: epath.Path) -> bool:
+  ckpts = root / 'checkpoints'
+  return ckpts.exists() and any(p.name.isdigit() for p in ckpts.iterdir())
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -133,6 +152,10 @@ def restore(workdir: str, config: ml_collections.ConfigDict, step: int | None = 
     step, origin = _choose(workdir, config, ckpts, step)
     params = ckpts.restore_params(step, state_lib.abstract_trained(setup),
                                   best=origin == 'best')
+  except checkpoint_lib.Damaged as e:
+    others = sorted((set(ckpts.all_steps()) | {ckpts.best_step()}) - {None, step})
+    raise WorkdirError(f'{e}; pass --step with an intact one (others: '
+                       f'{", ".join(map(str, others)) or "none"})') from e
   finally:
     ckpts.close()
   try:

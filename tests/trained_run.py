@@ -37,9 +37,13 @@ def workdir(tmp_path_factory) -> pathlib.Path:
   return wd
 
 
-def run_module(module: str, *args: str, stdin: str | None = None, timeout: int = 300
+def run_module(module: str, *args: str, stdin: str | None = None,
+               stdin_bytes: bytes | None = None, timeout: int = 300
                ) -> subprocess.CompletedProcess:
   """`python -m mtnt_tpu.<module> ARGS` as a user runs it (devices from the workdir's config)."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  return subprocess.run([sys.executable, '-m', f'mtnt_tpu.{module}', *args], cwd=helpers.ROOT,
-                        input=stdin, capture_output=True, text=True, timeout=timeout, env=env)
+  r = subprocess.run([sys.executable, '-m', f'mtnt_tpu.{module}', *args], cwd=helpers.ROOT,
+                     input=stdin.encode() if stdin is not None else stdin_bytes,
+                     capture_output=True, timeout=timeout, env=env)
+  r.stdout, r.stderr = r.stdout.decode(), r.stderr.decode()
+  return r
