@@ -20,6 +20,8 @@ previous one is kept as train.log.prev). Refuses to start where it already runs.
   --config PATH            config file in the checkout (default: configs/v4_8.py)
   --accelerator-type TYPE  the slice's type, to check --workdir without asking
                            gcloud (needed for a local --workdir under --dry-run)
+  --ssh-flag=FLAG          pass FLAG to every gcloud ssh/scp (repeatable), e.g.
+                           --ssh-flag=--tunnel-through-iap or --ssh-flag=--internal-ip
   --dry-run                print the commands, run nothing
   -h, --help               this help
 
@@ -46,6 +48,9 @@ done
 require_name_and_zone
 [[ -n $WORKDIR ]] || die "missing --workdir: pass --workdir gs://BUCKET/RUN (checkpoints and TensorBoard go there)"
 [[ -n $CONFIG ]] || die "--config needs a path, e.g. --config configs/v4_8.py"
+# The workers run the checkout setup.sh copied from here: the file must be in it.
+[[ -f $REPO_ROOT/$CONFIG ]] ||
+  die "--config $CONFIG is not a file of this checkout (the workers run a copy of it): e.g. --config configs/v4_8.py"
 [[ -z $ACCELERATOR_TYPE ]] || check_accelerator "$ACCELERATOR_TYPE"
 
 if [[ $WORKDIR == gs://* ]]; then

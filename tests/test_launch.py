@@ -192,8 +192,8 @@ def test_train(launch, accel):
 
 def test_train_config_and_local_workdir_on_one_host(launch):
   [line] = launch.dry('train.sh', *LOC, '--accelerator-type=v4-8', '--config',
-                      'configs/v4_32.py', '--workdir', '/tmp/run')
-  assert '-m mtnt_tpu.main --config=configs/v4_32.py --workdir=/tmp/run >' in line
+                      'configs/tiny_cpu.py', '--workdir', '/tmp/run')
+  assert '-m mtnt_tpu.main --config=configs/tiny_cpu.py --workdir=/tmp/run >' in line
   # gs:// needs no accelerator type: the slice's size does not matter.
   [line] = launch.dry('train.sh', *LOC, '--workdir=gs://b/r')
   assert '--workdir=gs://b/r >train.log' in line
@@ -393,6 +393,8 @@ BAD = [
     ('setup.sh', [*LOC, '--data', 'gs://b/my data'], '--data must be a gs:// folder'),
     ('train.sh', ['--zone', ZONE, '--workdir', 'gs://b/r'], 'missing --name'),
     ('train.sh', LOC, 'missing --workdir'),
+    ('train.sh', [*LOC, '--workdir', 'gs://b/r', '--config', 'configs/v4_32.py'],
+     '--config configs/v4_32.py is not a file of this checkout'),
     ('train.sh', [*LOC, '--accelerator-type', 'v4-32', '--workdir', '/tmp/run'],
      '--workdir must be gs://BUCKET/RUN on v4-32 (4 hosts)'),
     ('train.sh', [*LOC, '--accelerator-type', 'v4-32', '--workdir', 'runs/1'],
