@@ -119,11 +119,17 @@ take_value() {
   fi
 }
 
+# Extra flags for every gcloud ssh and scp (--ssh-flag=--tunnel-through-iap,
+# --ssh-flag=--internal-ip): a slice without external IPs is reached only so.
+SSH_FLAGS=()
+
 # parse_common_flag "$@": handles the flag in $1 if it is a common one
-# (--name, --zone, --project, --dry-run, -h/--help) and sets SHIFT_BY; dies on
-# anything else.
+# (--name, --zone, --project, --ssh-flag, --dry-run, -h/--help) and sets
+# SHIFT_BY; dies on anything else.
 parse_common_flag() {
   case $1 in
+    --ssh-flag=*) SSH_FLAGS+=("${1#*=}"); SHIFT_BY=1 ;;
+    --ssh-flag) take_value "$@"; SSH_FLAGS+=("$VALUE") ;;
     --name | --name=*) take_value "$@"; NAME=$VALUE ;;
     --zone | --zone=*) take_value "$@"; ZONE=$VALUE ;;
     --project | --project=*) take_value "$@"; PROJECT=$VALUE ;;
@@ -187,5 +193,6 @@ hosts_phrase() {
 # tpu_ssh WORKER COMMAND: run COMMAND (text for the worker's shell) on WORKER
 # (a number or 'all') of the slice.
 tpu_ssh() {
-  run gcloud compute tpus tpu-vm ssh "$NAME" "${LOC[@]}" --worker="$1" --command="$2"
+  run gcloud compute tpus tpu-vm ssh "$NAME" "${LOC[@]}" --worker="$1" --command="$2" \
+    ${SSH_FLAGS[@]+"${SSH_FLAGS[@]}"}
 }

@@ -17,6 +17,8 @@ goes on). With --worker all, each line starts with the worker's hostname.
   --worker N|all     which worker (default: 0, the one that logs metrics)
   --lines N          lines of history to show first (default: 100)
   --no-follow        print them and return
+  --ssh-flag=FLAG    pass FLAG to every gcloud ssh/scp (repeatable), e.g.
+                     --ssh-flag=--tunnel-through-iap or --ssh-flag=--internal-ip
   --dry-run          print the command, run nothing
   -h, --help         this help
 EOF

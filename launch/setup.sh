@@ -25,6 +25,8 @@ disk. Safe to run again (e.g. after a code change).
                      checkout (default: a tarball of this checkout's HEAD,
                      made with 'git archive'; uncommitted changes stay behind)
   --ref REF          branch, tag or commit to fetch with --repo (default: HEAD)
+  --ssh-flag=FLAG    pass FLAG to every gcloud ssh/scp (repeatable), e.g.
+                     --ssh-flag=--tunnel-through-iap or --ssh-flag=--internal-ip
   --dry-run          print the commands, run nothing
   -h, --help         this help
 EOF
@@ -75,7 +77,8 @@ else
   TARBALL=${TARBALL%/}/mtnt_tpu-$NAME.tar.gz
   note "copying HEAD ($(git -C "$REPO_ROOT" rev-parse --short HEAD)) to every worker"
   run git -C "$REPO_ROOT" archive --format=tar.gz --output="$TARBALL" HEAD
-  run gcloud compute tpus tpu-vm scp "$TARBALL" "$NAME:mtnt_tpu.tar.gz" "${LOC[@]}" --worker=all
+  run gcloud compute tpus tpu-vm scp "$TARBALL" "$NAME:mtnt_tpu.tar.gz" "${LOC[@]}" --worker=all \
+    ${SSH_FLAGS[@]+"${SSH_FLAGS[@]}"}
   tpu_ssh all "mkdir -p $REMOTE_DIR && tar -xzf mtnt_tpu.tar.gz -C $REMOTE_DIR && rm mtnt_tpu.tar.gz"
   run rm -f "$TARBALL"
 fi

@@ -16,6 +16,8 @@ running (and billing): launch/delete.sh removes it.
   --zone ZONE        its zone
   --project PROJECT  Google Cloud project (default: gcloud's)
   --wait             return only once the trainer has exited on every worker
+  --ssh-flag=FLAG    pass FLAG to every gcloud ssh/scp (repeatable), e.g.
+                     --ssh-flag=--tunnel-through-iap or --ssh-flag=--internal-ip
   --dry-run          print the command, run nothing
   -h, --help         this help
 EOF

@@ -20,6 +20,8 @@ previous one is kept as train.log.prev). Refuses to start where it already runs.
   --config PATH            config file in the checkout (default: configs/v4_8.py)
   --accelerator-type TYPE  the slice's type, to check --workdir without asking
                            gcloud (needed for a local --workdir under --dry-run)
+  --ssh-flag=FLAG          pass FLAG to every gcloud ssh/scp (repeatable), e.g.
+                           --ssh-flag=--tunnel-through-iap or --ssh-flag=--internal-ip
   --dry-run                print the commands, run nothing
   -h, --help               this help
 
@@ -46,6 +48,9 @@ done
 require_name_and_zone
 [[ -n $WORKDIR ]] || die "missing --workdir: pass --workdir gs://BUCKET/RUN (checkpoints and TensorBoard go there)"
 [[ -n $CONFIG ]] || die "--config needs a path, e.g. --config configs/v4_8.py"
+# The workers run the checkout setup.sh copied from here: the file must be in it.
+[[ -f $REPO_ROOT/$CONFIG ]] ||
+  die "--config $CONFIG is not a file of this checkout (the workers run a copy of it): e.g. --config configs/v4_8.py"
 [[ -z $ACCELERATOR_TYPE ]] || check_accelerator "$ACCELERATOR_TYPE"
 
 if [[ $WORKDIR == gs://* ]]; then
@@ -71,5 +76,5 @@ for word in "${TRAIN[@]}"; do
 done
 
 [[ -z $ACCELERATOR_TYPE ]] || note "starting on $(hosts_phrase) of $ACCELERATOR_TYPE"
-tpu_ssh all "cd $REMOTE_DIR || exit 1; if pgrep -f \"$PROC_PATTERN\" >/dev/null; then echo \"\$(hostname): already training; run launch/stop.sh first\" >&2; exit 1; fi; [ ! -f train.log ] || mv -f train.log train.log.prev; setsid nohup $TRAIN_TEXT >train.log 2>&1 </dev/null & echo \"\$(hostname): started pid \$!, log in $REMOTE_DIR/train.log\""
+tpu_ssh all "cd $REMOTE_DIR || exit 1; if pgrep -f \"$PROC_PATTERN\" >/dev/null; then echo \"\$(hostname): already training; run launch/stop.sh first\" >&2; exit 1; fi; [ ! -f train.log ] || mv -f train.log train.log.prev; setsid nohup $TRAIN_TEXT >train.log 2>&1 </dev/null & pid=\$!; sleep \${MTNT_START_CHECK_S:-20}; if kill -0 \$pid 2>/dev/null; then echo \"\$(hostname): started pid \$pid, log in $REMOTE_DIR/train.log\"; else echo \"\$(hostname): the trainer exited in its first seconds; the end of $REMOTE_DIR/train.log:\" >&2; tail -n 5 train.log >&2; exit 1; fi"
 note "follow it with: launch/logs.sh --name $NAME --zone $ZONE${PROJECT:+ --project $PROJECT}"

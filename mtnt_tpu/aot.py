@@ -261,10 +261,9 @@ def fit_check(config: ml_collections.ConfigDict, topo: Topology,
   Raises train.ConfigError for a config the trainer would refuse. A compile
   that runs out of HBM raises jax.errors.JaxRuntimeError (RESOURCE_EXHAUSTED).
   """
-  run = train.build(config, devices=devices, vocab_size=_vocab_size(config))
+  run = train.build_without_files(config, devices, _vocab_size(config))
   t0 = time.perf_counter()
-  lowered, _ = train.lower_steps(run)
-  compiled = lowered.compile()
+  compiled = train.lower_steps(run).train.compile()
   compile_s = time.perf_counter() - t0
 
   mem = compiled.memory_analysis()

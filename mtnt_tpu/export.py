@@ -95,7 +95,7 @@ def export(workdir: str, out: str, *, fmt: str = formats.KAGGLE, step: int | Non
   params = trained.adapters if fmt == formats.PEFT else trained.params
   name = name or default_name(config)
   return formats.save(
-      fmt, params, trained.run.model_config, out, tokenizer=trained.run.tokenizer.path,
+      fmt, params, trained.setup.model_config, out, tokenizer=trained.setup.tokenizer.path,
       dtype=dtype, name=name,
       lora=(dict(rank=config.lora.rank, alpha=config.lora.alpha,
                  base_model=config.model.checkpoint or config.model.variant)
@@ -122,9 +122,10 @@ def main(argv):
   # orbax's notes (read-only managers, finalize threads) stay off a CLI's stderr.
   runtime.quiet_libraries(logging_std.ERROR)
   try:
-    workdir_lib.use_cpu_devices(workdir_lib.load_config(FLAGS.workdir))
-    path = export(FLAGS.workdir, FLAGS.out, fmt=FLAGS.format, step=FLAGS.step,
-                  name=FLAGS.name, dtype=FLAGS.dtype, merge=FLAGS.merge)
+    workdir = workdir_lib.resolve(FLAGS.workdir)
+    workdir_lib.use_cpu_devices(workdir_lib.load_config(workdir))
+    path = export(workdir, FLAGS.out, fmt=FLAGS.format, step=FLAGS.step, name=FLAGS.name,
+                  dtype=FLAGS.dtype, merge=FLAGS.merge)
   except (ValueError, OSError) as e:  # WorkdirError among them
     raise SystemExit(f'error: {e}') from None
   print(f'wrote {path} and {os.path.join(FLAGS.out, "tokenizer.model")}', file=sys.stderr)

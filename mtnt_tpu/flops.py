@@ -9,8 +9,10 @@ work done, so packing raises MFU honestly and padding lowers it.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 
@@ -26,6 +28,26 @@ PEAK_TFLOPS = {
     'NVIDIA H100': 989.0,
     'NVIDIA H200': 989.0,
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """What MFU is computed from."""
+  per_token: float  # model FLOPs per trained (non-pad) token
+  peak: float  # FLOP/s of all devices together; 0 when unknown (no MFU logged)
+
+
+def training_budget(model_config, abstract_params, row_len: int, lora: bool,
+                    peak_tflops: float = 0.0) -> Budget:
+  """The run's FLOPs per token and its devices' peak, logged once at start-up."""
+  m = model_config
+  n_params = sum(p.size for p in jax.tree.leaves(abstract_params))
+  peak, source = peak_per_device(jax.devices()[0], peak_tflops)
+  flops = per_token(n_params, m.num_layers, m.num_heads, m.head_dim, row_len,
+                    weight_grads=not lora)
+  logging.info('model FLOPs per token %.3g (%d x %d params + attention); peak %.3g FLOP/s '
+               'per device (%s)', flops, 4 if lora else 6, n_params, peak, source)
+  return Budget(per_token=flops, peak=peak * jax.device_count())
 
 
 def per_token(num_params: int, num_layers: int, num_heads: int, head_dim: int,

@@ -6,6 +6,7 @@ each other through the TPU metadata. Elsewhere pass --coordinator_address,
 """
 
 import logging as logging_std
+import re
 
 from absl import app
 from absl import flags
@@ -15,6 +16,7 @@ from ml_collections import config_flags
 
 from mtnt_tpu import runtime
 from mtnt_tpu import train
+from mtnt_tpu import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 
@@ -33,6 +35,20 @@ def define_flags() -> None:
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a --config.x.y naming no field as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # ml_collections' locked-config lookup
+    name = re.match(r'[\\\'"]*(\w*)', str(e)).group(1)
+    guess = re.search(r'Did you mean \\?"(\w+)\\?"', str(e))
+    flag = next((a.split('=')[0] for a in argv if a.startswith('--config.')
+                 and name in a.split('=')[0].split('.')), f'--config.*.{name}')
+    raise SystemExit(f'error: {flag}: the config has no field {name!r}; '
+                     + (f'did you mean {guess.group(1)!r}?' if guess else
+                        'see configs/common.py for the fields')) from None
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -48,11 +64,11 @@ def main(argv):
                jax.__version__, jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(), jax.devices()[0].platform)
   try:
-    train.train_and_evaluate(config, FLAGS.workdir)
+    train.train_and_evaluate(config, workdir_lib.resolve(FLAGS.workdir))
   except (train.ConfigError, FloatingPointError) as e:
     raise SystemExit(f'error: {e}') from None
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -10,6 +11,8 @@ import time
 from absl import logging
 from etils import epath
 import jax
+
+from mtnt_tpu import flops
 
 
 class Writer:
@@ -82,54 +85,55 @@ def _fmt(v: float) -> str:
 class StepLog:
   """Turns per-step device metrics into one logged record per interval.
 
-  Device scalars are kept as they are until the next step has been
-  dispatched, then fetched together ("one step behind"), so logging never
-  stalls the device. A non-finite loss stops the run.
+  Steps are dispatched asynchronously, so the host runs ahead of the device.
+  An interval's clock therefore stops only once its last step's outputs are
+  ready (`close`), and `paused` blocks the same way before an eval or a save
+  and restarts the clock after it, with the device idle. Every step of an
+  interval thus runs inside the time it is charged with, and every input
+  wait is part of that time: step_time is wall time, input_wait_frac and
+  nonpad_fraction are at most 1, and MFU is at most the true utilisation.
   """
 
-  def __init__(self, writer: Writer, *, tokens_per_row_batch: int, schedule,
-               flops_per_token: float, peak_flops: float):
+  def __init__(self, writer: Writer, *, tokens_per_step: int, schedule,
+               budget: flops.Budget):
     self._writer = writer
-    self._all_tokens = tokens_per_row_batch  # batch_size x max_len
+    self._all_tokens = tokens_per_step  # batch_size x max_len, padding included
     self._schedule = schedule
-    self._flops_per_token = flops_per_token
-    self._peak = peak_flops  # all devices together
-    self._interval: list = []
+    self._budget = budget
+    self._steps: list = []
+    self._active_s = 0.0
     self._input_s = 0.0
-    self._pending = None
     self._clock = Stopwatch()
-    self.last: dict[str, float] = {}
 
-  def add(self, step: int, device_metrics, input_s: float, close_interval: bool) -> None:
-    """Records a dispatched step; reports the previous interval if one is waiting."""
-    self.flush()
-    self._interval.append(device_metrics)
+  def add(self, device_metrics, input_s: float) -> None:
+    """Records a dispatched step and the host time spent fetching its batch."""
+    self._steps.append(device_metrics)
     self._input_s += input_s
-    if close_interval:
-      self._pending = (step, self._interval, self._clock.lap(), self._input_s)
-      self._interval, self._input_s = [], 0.0
 
-  def flush(self) -> None:
-    if self._pending is not None:
-      pending, self._pending = self._pending, None
-      self._report(*pending)
+  def close(self, step: int) -> dict[str, float]:
+    """Waits for the interval's steps, then writes and returns its record."""
+    jax.block_until_ready(self._steps)
+    self._active_s += self._clock.lap()
+    out = self._record(step, jax.device_get(self._steps), self._active_s, self._input_s)
+    self._steps, self._active_s, self._input_s = [], 0.0, 0.0
+    self._writer.write(step, out)
+    return out
 
-  def pause(self) -> None:
-    """Time from here to the next interval (evals, saves) is not training."""
-    self._clock.lap()
+  @contextlib.contextmanager
+  def paused(self):
+    """Time inside (evals, saves) is charged to no interval."""
+    jax.block_until_ready(self._steps)
+    self._active_s += self._clock.lap()
+    try:
+      yield
+    finally:
+      self._clock.lap()
 
-  def _report(self, step, device_metrics, elapsed, waited) -> None:
-    ms = jax.device_get(device_metrics)
-    loss = sum(float(m['loss']) for m in ms) / len(ms)
-    if not math.isfinite(loss):
-      raise FloatingPointError(
-          f'loss is {loss} at step {step}; no checkpoint of it was written. Lower '
-          'config.optim.learning_rate (or raise clip_norm) and rerun: it resumes '
-          'from the last good checkpoint')
+  def _record(self, step, ms, elapsed, waited) -> dict[str, float]:
     real = sum(float(m['real_tokens']) for m in ms)
     n_all = self._all_tokens * len(ms)
     out = {
-        'loss': loss,
+        'loss': sum(float(m['loss']) for m in ms) / len(ms),
         'accuracy': sum(float(m['accuracy']) for m in ms) / len(ms),
         'grad_norm': float(ms[-1]['grad_norm']),
         'learning_rate': float(self._schedule(step - 1)),
@@ -140,12 +144,9 @@ class StepLog:
         'nonpad_fraction': real / n_all,
         'input_wait_frac': waited / elapsed,
     }
-    if self._peak:
-      out['mfu'] = real / elapsed * self._flops_per_token / self._peak
-    self._writer.write(step, out)
-    self.last = out
-
-
+    if self._budget.peak:
+      out['mfu'] = real / elapsed * self._budget.per_token / self._budget.peak
+    return out
 class Stopwatch:
   """Wall time between `lap` calls."""
 

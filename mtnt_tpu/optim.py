@@ -104,6 +104,7 @@ def _make(cfg, num_steps: int) -> tuple[optax.GradientTransformation, optax.Sche
     opt = optax.sgd(lr, momentum=cfg.momentum or None)
   else:
     raise ValueError(f"config.optim.name={cfg.name!r}: use 'adamw' or 'sgd'")
-  if cfg.clip_norm:
-    opt = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
-  return opt, lr
+  # Always chained, an infinite norm when off: the optimizer state's tree
+  # then does not depend on clip_norm, so a run resumes with another value.
+  clip = optax.clip_by_global_norm(cfg.clip_norm or float('inf'))
+  return optax.chain(clip, opt), lr

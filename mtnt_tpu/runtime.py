@@ -1,8 +1,9 @@
 """Process-level set-up: devices, the distributed runtime, the compilation
-cache, and the preemption signal. Everything here runs once, before training."""
+cache, the preemption signal, and the profiler."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import logging as logging_std
@@ -110,25 +111,47 @@ def enable_compilation_cache(setting: str, workdir: str) -> str | None:
   return path
 
 
+class Preempted(Exception):
+  """A SIGTERM arrived inside `Preemption.interruptible()`."""
+
+
 class Preemption:
   """Says at which step every process should save and stop.
 
-  One process: SIGTERM (what a spot or maintenance-evicted TPU VM receives)
-  sets a flag, and the step in flight finishes first. Several: JAX's
-  coordination service turns any host's SIGTERM into one agreed step
-  (`reached_preemption_sync_point`), so every host saves the same step.
+  One process: SIGTERM (what a spot or maintenance-evicted TPU VM receives,
+  some 30 s before it goes) sets a flag, and the step in flight finishes
+  first; inside `interruptible()` (an eval) it raises Preempted at once, so
+  the save never waits for an eval. Several: JAX's coordination service
+  turns any host's SIGTERM into one agreed step
+  (`reached_preemption_sync_point`), so every host saves the same step; an
+  eval is not cut short there (the hosts would stop in different places).
   """
 
   def __init__(self):
     self._received = False
+    self._interruptible = False
     self._multi = jax.process_count() > 1
     if not self._multi:
       self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
   def _on_sigterm(self, signum, frame):
     del signum, frame
-    logging.warning('SIGTERM: finishing this step, saving, and exiting')
+    logging.warning('SIGTERM: saving as soon as the step in flight ends, then exiting')
     self._received = True
+    if self._interruptible:
+      self._interruptible = False
+      raise Preempted()
+
+  @contextlib.contextmanager
+  def interruptible(self):
+    """Work a SIGTERM may cut short with Preempted: only what can be dropped whole."""
+    if self._received:
+      raise Preempted()
+    self._interruptible = True
+    try:
+      yield
+    finally:
+      self._interruptible = False
 
   def reached(self, step: int) -> bool:
     if self._multi:
@@ -138,3 +161,35 @@ class Preemption:
   def close(self) -> None:
     if not self._multi:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+class Profile:
+  """A JAX profile of steps [start, stop) into WORKDIR/profile (TensorBoard, Perfetto)."""
+
+  def __init__(self, steps_range: str, workdir: str):
+    self.start, self.stop = parse_step_range(steps_range)
+    self._dir = os.path.join(workdir, 'profile')
+
+  def before(self, step: int) -> None:
+    if step == self.start:
+      jax.profiler.start_trace(self._dir)
+
+  def after(self, step: int, state) -> None:
+    if step + 1 == self.stop:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      logging.info('profile of steps %d..%d written to %s', self.start, self.stop - 1, self._dir)
+
+
+def parse_step_range(text: str) -> tuple[int, int]:
+  """'10:13' -> (10, 13); '' -> (-1, -1)."""
+  if not text:
+    return -1, -1
+  try:
+    start, stop = (int(x) for x in text.split(':'))
+  except ValueError:
+    start = stop = -1
+  if not 0 <= start < stop:
+    raise ValueError(f"config.profile.steps={text!r}: use 'START:STOP' with "
+                     "START < STOP, e.g. '10:13'")
+  return start, stop

@@ -52,11 +52,21 @@ def define_flags() -> None:
   flags.DEFINE_integer('seed', 0, 'Sampling seed.')
 
 
-def _read_lines(path: str | None) -> list[str]:
+def read_lines(path: str | None) -> list[str]:
+  """The lines of `path` (stdin when None); a line that is not UTF-8 is named."""
   if path is None:
-    return sys.stdin.read().splitlines()
-  with open(path, encoding='utf-8') as f:
-    return f.read().splitlines()
+    data, where = sys.stdin.buffer.read(), 'stdin'
+  else:
+    with open(path, 'rb') as f:
+      data, where = f.read(), path
+  lines = []
+  for n, raw in enumerate(data.splitlines(), 1):
+    try:
+      lines.append(raw.decode('utf-8'))
+    except UnicodeDecodeError as e:
+      raise ValueError(f'{where} line {n} is not UTF-8 ({e.reason} at byte {e.start} of the '
+                       'line); convert the file, e.g. iconv -f latin1 -t utf-8') from None
+  return lines
 
 
 class _Progress:
@@ -82,9 +92,9 @@ def translate_lines(trained: workdir_lib.Trained, lines: list[str], out: TextIO,
                     sampling: decode_lib.Sampling, beam_size: int = 1,
                     length_penalty: float = 0.6) -> list[str]:
   """Writes one translation per line to `out` as each batch finishes; returns them."""
-  c = trained.run.config
+  c = trained.setup.config
   decoder = decode_lib.Decoder(
-      trained.run, trained.run.tokenizer, batch_size=batch_size,
+      trained.setup, trained.setup.tokenizer, batch_size=batch_size,
       max_prompt_len=max_prompt_len, max_decode_len=max_decode_len, dst_lang=c.data.dst_lang,
       chat_template=c.model.chat_template, sampling=sampling, beam_size=beam_size,
       length_penalty=length_penalty)
@@ -125,30 +135,39 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # stderr is for progress and problems
   # orbax's notes (read-only managers, finalize threads) stay off a CLI's stderr.
   runtime.quiet_libraries(logging_std.ERROR)
+  workdir = workdir_lib.resolve(FLAGS.workdir)
   try:
-    config = workdir_lib.load_config(FLAGS.workdir)
+    config = workdir_lib.load_config(workdir)
     workdir_lib.use_cpu_devices(config)
     sampling = decode_lib.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.seed)
     decoding = _decoding_options(config)
-    lines = _read_lines(FLAGS.input)
-    references = _read_lines(FLAGS.reference) if FLAGS.reference else None
+    lines = read_lines(FLAGS.input)
+    references = read_lines(FLAGS.reference) if FLAGS.reference else None
     if references is not None and len(references) != len(lines):
       raise ValueError(f'--reference {FLAGS.reference} has {len(references)} lines, the '
                        f'input {len(lines)}; pass the references of these sentences')
-    trained = workdir_lib.restore(FLAGS.workdir, config, FLAGS.step)
-    out = open(FLAGS.output, 'w', encoding='utf-8') if FLAGS.output else sys.stdout
+    trained = workdir_lib.restore(workdir, config, FLAGS.step)
+    # --output appears only once every line is translated: an existing file
+    # is never truncated by a run that fails.
+    partial = f'{FLAGS.output}.partial-{os.getpid()}' if FLAGS.output else None
+    out = open(partial, 'w', encoding='utf-8') if partial else sys.stdout
   except (ValueError, OSError) as e:  # WorkdirError among them
     raise SystemExit(f'error: {e}') from None
   print(f'translating {len(lines)} lines with step {trained.step} from '
-        f'{os.path.join(FLAGS.workdir, trained.origin)}', file=sys.stderr)
+        f'{os.path.join(workdir, trained.origin)}', file=sys.stderr)
   try:
     hypotheses = translate_lines(
         trained, lines, out, max_prompt_len=FLAGS.max_prompt_len or config.data.max_len,
         max_decode_len=FLAGS.max_decode_len or config.eval.max_decode_len, sampling=sampling,
         **decoding)
-  finally:
-    if out is not sys.stdout:
+  except BaseException:
+    if partial:
       out.close()
+      os.remove(partial)
+    raise
+  if partial:
+    out.close()
+    os.replace(partial, FLAGS.output)
   if references is not None:
     bleu, chrf = BLEU(), CHRF()
     b, c = bleu.corpus_score(hypotheses, [references]), chrf.corpus_score(hypotheses,

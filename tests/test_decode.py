@@ -33,14 +33,14 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope='module')
 def decoder(trained):
   _, tr = trained
-  return decode.Decoder(tr.run, tr.run.tokenizer, batch_size=8, max_prompt_len=P,
+  return decode.Decoder(tr.setup, tr.setup.tokenizer, batch_size=8, max_prompt_len=P,
                         max_decode_len=T)
 
 
 @pytest.fixture(scope='module')
 def prompts(trained, decoder):
   _, tr = trained
-  sources = [p.src for p in evaluate.eval_pairs(tr.run.config.data, 12)]
+  sources = [p.src for p in evaluate.eval_pairs(tr.setup.config.data, 12)]
   out = decoder.encode_prompts(sources)
   assert len({len(p) for p in out}) >= 4, 'the batch mixes prompt lengths'
   assert max(len(p) for p in out) <= P
@@ -49,7 +49,7 @@ def prompts(trained, decoder):
 
 def _greedy_without_cache(tr, prompts, stop_ids):
   """Reference: full forward pass over the unpadded sequence at every step, no cache."""
-  model = model_lib.make_model(tr.run.model_config)
+  model = model_lib.make_model(tr.setup.model_config)
   L = P + T
   forward = jax.jit(lambda p, x, s: model_lib.forward(model, p, x, jnp.arange(L)[None] + 0 * x, s))
   tokens = np.zeros((len(prompts), L), np.int32)
@@ -115,7 +115,7 @@ def test_overlong_prompt_is_cut_with_a_warning_not_an_error(trained, decoder, ca
 @pytest.mark.slow
 def test_chat_template_is_one_format_for_training_evaluation_and_translation(trained):
   _, tr = trained
-  tok = tr.run.tokenizer
+  tok = tr.setup.tokenizer
   prompt, target = tok.encode_example('The cat.', 'Le chat.', 'French', chat_template=True)
   assert prompt[0] == tokenizer_lib.BOS and tok.decode(prompt[1:]) == (
       '<start_of_turn>user\nTranslate this into French:\nThe cat.<end_of_turn>\n'

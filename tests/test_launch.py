@@ -260,7 +260,8 @@ def worker_shell(launch: Launch, command: str, **kwargs) -> subprocess.Completed
   fake_bin.mkdir(exist_ok=True)
   (fake_bin / 'pgrep').write_text('#!/bin/sh\nexit 1\n')
   (fake_bin / 'pgrep').chmod(0o755)
-  env = {**launch.env, 'HOME': str(home), 'PATH': f'{fake_bin}{os.pathsep}{launch.env["PATH"]}'}
+  env = {**launch.env, 'HOME': str(home), 'PATH': f'{fake_bin}{os.pathsep}{launch.env["PATH"]}',
+         'MTNT_START_CHECK_S': '1'}
   return subprocess.run(['bash', '-c', command], cwd=home, env=env, capture_output=True,
                         text=True, timeout=20, **kwargs)
 
@@ -285,7 +286,7 @@ def test_worker_starts_the_trainer_detached(launch):
   # A stand-in trainer that writes its arguments where the test can read them.
   (venv_bin / 'python').write_text(
       '#!/usr/bin/env bash\nprintf "%s\\n" "$@" >"$HOME/argv.tmp"; mv "$HOME/argv.tmp" "$HOME/argv"\n'
-      'echo trainer-output\n')
+      'echo trainer-output\nexec sleep 3\n')
   (venv_bin / 'python').chmod(0o755)
   (home / 'mtnt_tpu' / 'train.log').write_text('old run\n')
   note = "it's ~/here & $HOME"
@@ -308,6 +309,18 @@ def test_worker_starts_the_trainer_detached(launch):
       break
     time.sleep(0.025)
   assert (home / 'mtnt_tpu' / 'train.log').read_text() == 'trainer-output\n'
+
+
+def test_worker_reports_a_trainer_that_dies_at_once(launch):
+  venv_bin = launch.tmp / 'home' / 'mtnt_tpu' / '.venv' / 'bin'
+  venv_bin.mkdir(parents=True, exist_ok=True)
+  (venv_bin / 'python').write_text('#!/usr/bin/env bash\necho "error: bad config"; exit 1\n')
+  (venv_bin / 'python').chmod(0o755)
+  [line] = launch.dry('train.sh', *LOC, '--workdir', 'gs://b/r')
+  proc = worker_shell(launch, ssh_command(line))
+  assert proc.returncode == 1 and 'started pid' not in proc.stdout
+  assert 'the trainer exited in its first seconds' in proc.stderr
+  assert 'error: bad config' in proc.stderr
 
 
 def test_worker_log_lines_name_their_host(launch):
@@ -393,6 +406,8 @@ BAD = [
     ('setup.sh', [*LOC, '--data', 'gs://b/my data'], '--data must be a gs:// folder'),
     ('train.sh', ['--zone', ZONE, '--workdir', 'gs://b/r'], 'missing --name'),
     ('train.sh', LOC, 'missing --workdir'),
+    ('train.sh', [*LOC, '--workdir', 'gs://b/r', '--config', 'configs/v4_32.py'],
+     '--config configs/v4_32.py is not a file of this checkout'),
     ('train.sh', [*LOC, '--accelerator-type', 'v4-32', '--workdir', '/tmp/run'],
      '--workdir must be gs://BUCKET/RUN on v4-32 (4 hosts)'),
     ('train.sh', [*LOC, '--accelerator-type', 'v4-32', '--workdir', 'runs/1'],

@@ -9,6 +9,7 @@ from gemma import params as gemma_params
 from jax.sharding import PartitionSpec as P
 
 from mtnt_tpu import model as model_lib
+from mtnt_tpu import state as state_lib
 from mtnt_tpu import train
 from tests import helpers
 
@@ -71,7 +72,7 @@ def test_kaggle_checkpoint_layout_is_gemmas(tmp_path):
 def test_load_kaggle_restores_equal_weights_in_their_shardings(tmp_path):
   path, params = _write_kaggle_checkpoint(tmp_path)
   run = train.build(helpers.tiny_config(**{'model.checkpoint': path}))
-  state = train.load_pretrained(run)
+  state = state_lib.load_pretrained(run)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), state.params, params)
   emb = state.params['embedder']['input_embedding']
   assert emb.sharding.spec == P('fsdp', None)
@@ -84,4 +85,4 @@ def test_checkpoint_of_another_variant_names_both_shapes(tmp_path):
   path, _ = _write_kaggle_checkpoint(tmp_path, variant='tiny_4l')
   run = train.build(helpers.tiny_config(**{'model.checkpoint': path}))
   with pytest.raises(ValueError, match=r'shape \(800, 256\).*expects \(800, 128\)'):
-    train.load_pretrained(run)
+    state_lib.load_pretrained(run)

@@ -64,7 +64,7 @@ def test_remat_is_used_by_the_train_step():
   forward pass in the backward pass, 'matmuls' only the batched (attention) ones."""
   def dots(remat):
     run = train.build(helpers.tiny_config(**{'model.remat': remat, 'train.batch_size': 8}))
-    lowered, _ = train.lower_steps(run)
+    lowered = train.lower_steps(run).train
     return lowered.as_text().count('stablehlo.dot_general')
   assert dots('none') < dots('matmuls') < dots('block')
 

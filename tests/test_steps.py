@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mtnt_tpu import state as state_lib
 from mtnt_tpu import steps
 from mtnt_tpu import train
 from mtnt_tpu.data import pipeline
@@ -25,7 +26,7 @@ def batch():
 
 @pytest.fixture(scope='module')
 def params(run):
-  return train.init_state(run, jax.random.key(0)).params
+  return state_lib.init_state(run, jax.random.key(0)).params
 
 
 def _loss(run, params, batch):
@@ -65,8 +66,8 @@ def _one_step(config, batch, devices):
   mesh_kw = {'mesh.data': 1, 'mesh.fsdp': -1}
   run = train.build(helpers.tiny_config(**config, **mesh_kw, **{'train.batch_size': 8}),
                     devices)
-  state = train.init_state(run, jax.random.key(0))
-  train_step, _, _ = train.compile_steps(run)
+  state = state_lib.init_state(run, jax.random.key(0))
+  train_step = train.compile_steps(run).train
   state, m = train_step(state, pipeline.to_global(batch, run.batch_sharding), {})
   return helpers.host(state.params), helpers.host(m)
 
@@ -105,8 +106,8 @@ def test_packed_loss_equals_unpacked_loss(run, params):
 def test_bf16_compute_keeps_fp32_master_weights(batch):
   run = train.build(helpers.tiny_config(**{'model.compute_dtype': 'bfloat16',
                                            'train.batch_size': 8}))
-  state = train.init_state(run, jax.random.key(0))
-  train_step, _, _ = train.compile_steps(run)
+  state = state_lib.init_state(run, jax.random.key(0))
+  train_step = train.compile_steps(run).train
   g = {k: pipeline.to_global(batch, run.batch_sharding)[k] for k in pipeline.MODEL_KEYS}
   state, m = train_step(state, g, {})
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))

@@ -37,7 +37,14 @@ def workdir(tmp_path_factory) -> pathlib.Path:
   return wd
 
 
-def run_module(module: str, *args: str, stdin: str | None = None, timeout: int = 300
+def run_module(module: str, *args: str, stdin: str | None = None,
+               stdin_bytes: bytes | None = None, timeout: int = 300
                ) -> subprocess.CompletedProcess:
   """`python -m mtnt_tpu.<module> ARGS` as a user runs it (devices from the workdir's config)."""
-  return commands.run(commands.command(module, *args), input=stdin, timeout=timeout)
+  if stdin_bytes is None:
+    return commands.run(commands.command(module, *args), input=stdin, timeout=timeout)
+  # Raw bytes (e.g. invalid UTF-8) cannot go through a text-mode pipe.
+  r = subprocess.run(commands.command(module, *args), cwd=commands.ROOT, env=commands.env(),
+                     input=stdin_bytes, capture_output=True, timeout=timeout)
+  r.stdout, r.stderr = r.stdout.decode(errors='replace'), r.stderr.decode(errors='replace')
+  return r

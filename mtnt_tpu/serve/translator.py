@@ -117,11 +117,11 @@ class Translator:
                        'decoder has no beam search; pass --beam_sizes=1')
     self.info, self.buckets = info, buckets
     self._params = trained.params
-    c = trained.run.config
-    self._tokenizer = trained.run.tokenizer
+    c = trained.setup.config
+    self._tokenizer = trained.setup.tokenizer
     self._dst_lang, self._chat_template = c.data.dst_lang, c.model.chat_template
     # Batches are split over the mesh's batch axes: round sizes up as Decoder would.
-    divisor = sharding_lib.batch_divisor(trained.run.mesh)
+    divisor = sharding_lib.batch_divisor(trained.setup.mesh)
     self.batch_sizes = tuple(sorted({-(-b // divisor) * divisor for b in buckets.batch_sizes}))
     t0 = time.perf_counter()
     self._decoders: dict[tuple[int, int, int], decode_lib.Decoder] = {}
@@ -130,7 +130,7 @@ class Translator:
         for b in self.batch_sizes:
           options = {'beam_size': beam} if beam > 1 else {}
           self._decoders[beam, p, b] = decode_lib.Decoder(
-              trained.run, self._tokenizer, batch_size=b, max_prompt_len=p,
+              trained.setup, self._tokenizer, batch_size=b, max_prompt_len=p,
               max_decode_len=buckets.max_decode_len, dst_lang=self._dst_lang,
               chat_template=self._chat_template, **options)
     self.compile_seconds = time.perf_counter() - t0
@@ -183,7 +183,7 @@ class Translator:
 
 def model_info(workdir: str, trained: workdir_lib.Trained) -> ModelInfo:
   """The served checkpoint's facts, with its eval metrics from WORKDIR/metrics.jsonl."""
-  c = trained.run.config
+  c = trained.setup.config
   return ModelInfo(workdir=os.path.basename(os.path.normpath(workdir)),
                    variant=c.model.variant, step=trained.step, origin=trained.origin,
                    metrics=_eval_metrics(os.path.join(workdir, 'metrics.jsonl'), trained.step),
