@@ -43,11 +43,13 @@ def main() -> None:
   from mtnt_tpu import decode as decode_lib
   from mtnt_tpu import evaluate
   from mtnt_tpu import train
+  from mtnt_tpu import state as state_lib
   from mtnt_tpu.data import pipeline
 
   run = train.build(config)
-  train_step, eval_step, _ = train.compile_steps(run)
-  state = train.init_state(run, jax.random.key(0))
+  compiled = train.compile_steps(run)
+  train_step, eval_step = compiled.train, compiled.eval
+  state = state_lib.init_state(run, jax.random.key(0))
   batches = iter(pipeline.train_dataset(config.data, config.tokenizer.path, run.local_batch,
                                         pipeline.HostShard.current()))
   for _ in range(args.steps):

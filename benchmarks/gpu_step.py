@@ -113,12 +113,13 @@ def measure(args, batch: int, length: int, loss_chunk: int, device,
   import jax
   from mtnt_tpu import flops
   from mtnt_tpu import train
+  from mtnt_tpu import state as state_lib
   config = make_config(args, batch, length, loss_chunk)
   run = train.build(config, devices=[device], vocab_size=args.vocab)
   t0 = time.perf_counter()
   step = train.lower_steps(run)[0].compile()
   compile_s = time.perf_counter() - t0
-  state = train.init_state(run, jax.random.key(0))
+  state = state_lib.init_state(run, jax.random.key(0))
   data = full_batch(batch, length, run.model_config.num_embed, run.batch_sharding)
   state, m = step(state, data, {})
   first_loss = float(m['loss'])

@@ -50,13 +50,14 @@ def _config(overrides: dict):
 def time_lever(overrides: dict, steps: int, data_dir: str) -> float:
   import jax
   from mtnt_tpu import train
+  from mtnt_tpu import state as state_lib
   from mtnt_tpu.data import pipeline
   c = _config(overrides)
   c.data.dir = data_dir
   run = train.build(c)
-  state = train.init_state(run, jax.random.key(0))
-  frozen = train.frozen_base(run)  # the LoRA base; {} otherwise
-  train_step, _, _ = train.compile_steps(run)
+  state = state_lib.init_state(run, jax.random.key(0))
+  frozen = state_lib.frozen_base(run)  # the LoRA base; {} otherwise
+  train_step = train.compile_steps(run).train
   it = iter(pipeline.train_dataset(c.data, c.tokenizer.path, c.train.batch_size,
                                    pipeline.HostShard(0, 1)))
   batches = [pipeline.to_global(next(it), run.batch_sharding) for _ in range(steps + 1)]

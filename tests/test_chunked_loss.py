@@ -12,6 +12,7 @@ import pytest
 from mtnt_tpu import model as model_lib
 from mtnt_tpu import steps
 from mtnt_tpu import train
+from mtnt_tpu import state as state_lib
 from mtnt_tpu.data import pipeline
 from tests import helpers
 
@@ -103,8 +104,9 @@ def test_chunks_divide_the_row_length():
 def _one_step(batch, loss_chunk):
   run = train.build(helpers.tiny_config(**{'train.batch_size': 8,
                                            'model.loss_chunk': loss_chunk}))
-  state = train.init_state(run, jax.random.key(0))
-  train_step, eval_step, _ = train.compile_steps(run)
+  state = state_lib.init_state(run, jax.random.key(0))
+  compiled = train.compile_steps(run)
+  train_step, eval_step = compiled.train, compiled.eval
   g = pipeline.to_global(batch, run.batch_sharding)
   sums = eval_step(state.params, g)
   state, m = train_step(state, g, {})

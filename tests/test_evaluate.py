@@ -5,20 +5,21 @@ import numpy as np
 
 from mtnt_tpu import evaluate
 from mtnt_tpu import train
+from mtnt_tpu import state as state_lib
 from tests import helpers
 
 
 def _evaluator(tmp_path, packing: bool):
   run = train.build(helpers.tiny_config(**{'data.packing': packing,
                                            'eval.decode_examples': 0}))
-  _, eval_step, _ = train.compile_steps(run)
+  eval_step = train.compile_steps(run).eval
   return run, evaluate.Evaluator(run, eval_step, str(tmp_path))
 
 
 def test_packed_eval_loss_equals_padded_eval_loss(tmp_path):
   run, packed = _evaluator(tmp_path, packing=True)
   _, padded = _evaluator(tmp_path, packing=False)
-  params = train.init_state(run, jax.random.key(0)).params
+  params = state_lib.init_state(run, jax.random.key(0)).params
   a, b = packed(params, 0), padded(params, 0)
   # Every target token counted once either way, and scored the same (the loss
   # sum differs only by float summation order).

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from mtnt_tpu import train
+
+from mtnt_tpu import state as state_lib
 from mtnt_tpu.data import pipeline
 from tests import helpers
 
@@ -15,10 +17,10 @@ def _one_step(**overrides):
   cfg = helpers.tiny_config(**{'train.batch_size': 8, 'optim.clip_norm': 0.0,
                                'optim.warmup_steps': 0, **overrides})
   run = train.build(cfg)
-  state = train.init_state(run, jax.random.key(0))
+  state = state_lib.init_state(run, jax.random.key(0))
   before = helpers.host(state.params)
   batch = helpers.train_batches(cfg, 1, local_batch=8)[0]
-  train_step, _, _ = train.compile_steps(run)
+  train_step = train.compile_steps(run).train
   state, _ = train_step(state, pipeline.to_global(batch, run.batch_sharding), {})
   return before, helpers.host(state.params), state.opt_state
 
