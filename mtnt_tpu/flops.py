@@ -38,24 +38,30 @@ class Budget:
 
 
 def training_budget(model_config, abstract_params, row_len: int, lora: bool,
-                    peak_tflops: float = 0.0) -> Budget:
-  """The run's FLOPs per token and its devices' peak, logged once at start-up."""
+                    peak_tflops: float = 0.0, frozen_params: int = 0) -> Budget:
+  """The run's FLOPs per token and its devices' peak, logged once at start-up.
+
+  `frozen_params` (config.train.freeze) get no weight gradient: 4 FLOPs per
+  parameter and token, like LoRA's base."""
   m = model_config
   n_params = sum(p.size for p in jax.tree.leaves(abstract_params))
   peak, source = peak_per_device(jax.devices()[0], peak_tflops)
   flops = per_token(n_params, m.num_layers, m.num_heads, m.head_dim, row_len,
-                    weight_grads=not lora)
-  logging.info('model FLOPs per token %.3g (%d x %d params + attention); peak %.3g FLOP/s '
-               'per device (%s)', flops, 4 if lora else 6, n_params, peak, source)
+                    weight_grads=not lora, frozen_params=frozen_params)
+  logging.info('model FLOPs per token %.3g (%d x %d params, %d of them frozen, + attention); '
+               'peak %.3g FLOP/s per device (%s)', flops, 4 if lora else 6, n_params,
+               n_params if lora else frozen_params, peak, source)
   return Budget(per_token=flops, peak=peak * jax.device_count())
 
 
 def per_token(num_params: int, num_layers: int, num_heads: int, head_dim: int,
-              row_len: int, weight_grads: bool = True) -> float:
+              row_len: int, weight_grads: bool = True, frozen_params: int = 0) -> float:
   """Training FLOPs per token. LoRA (weight_grads=False) skips the frozen
-  weights' gradients: 4 x parameters instead of 6 (adapters are negligible)."""
+  weights' gradients: 4 x parameters instead of 6 (adapters are negligible);
+  so do `frozen_params` of a full fine-tune (config.train.freeze)."""
   per_param = 6.0 if weight_grads else 4.0
-  return per_param * num_params + 12.0 * num_layers * num_heads * head_dim * row_len
+  return (per_param * (num_params - frozen_params) + 4.0 * frozen_params
+          + 12.0 * num_layers * num_heads * head_dim * row_len)
 
 
 def peak_per_device(device: jax.Device, configured_tflops: float = 0.0) -> tuple[float, str]:
@@ -73,13 +79,16 @@ def peak_per_device(device: jax.Device, configured_tflops: float = 0.0) -> tuple
 
 def _measured_cpu_peak() -> float:
   # Faked CPU devices share the host's cores, so one device's peak is what
-  # the whole CPU does on a dense matmul, divided among them.
+  # the whole CPU does on a dense matmul, divided among them. The fastest of
+  # several: a slow sample is the machine busy elsewhere, and a peak measured
+  # low would log an MFU above 1.
   n = 1024
   x = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda a: a @ a, device=jax.local_devices()[0])
   f(x).block_until_ready()
-  t0 = time.perf_counter()
-  for _ in range(5):
+  fastest = float('inf')
+  for _ in range(8):
+    t0 = time.perf_counter()
     f(x).block_until_ready()
-  per_matmul = (time.perf_counter() - t0) / 5
-  return 2.0 * n**3 / per_matmul / jax.local_device_count()
+    fastest = min(fastest, time.perf_counter() - t0)
+  return 2.0 * n**3 / fastest / jax.local_device_count()

@@ -68,6 +68,10 @@ class Freeze:
     flat.update(flax.traverse_util.flatten_dict(fixed, sep='/'))
     return flax.traverse_util.unflatten_dict(flat, sep='/')
 
+  def count(self, params) -> int:
+    """How many parameter values `params` holds frozen."""
+    return sum(x.size for x in jax.tree.leaves(self.split(params)[1])) if self else 0
+
   def check(self, params) -> None:
     """Every pattern must freeze something, and something must stay trainable."""
     paths = list(flax.traverse_util.flatten_dict(params, sep='/'))

@@ -164,7 +164,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   evaluator = evaluate_lib.Evaluator(run, steps.eval, workdir)
   writer = metrics_lib.Writer(workdir)
   budget = flops.training_budget(run.model_config, run.abstract_params, c.data.max_len,
-                                 lora=run.lora is not None, peak_tflops=c.runtime.peak_tflops)
+                                 lora=run.lora is not None, peak_tflops=c.runtime.peak_tflops,
+                                 frozen_params=run.freeze.count(run.abstract_params))
   log = metrics_lib.StepLog(writer, tokens_per_step=c.train.batch_size * c.data.max_len,
                             schedule=run.schedule, budget=budget)
   preemption = runtime.Preemption()

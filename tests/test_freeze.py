@@ -76,3 +76,13 @@ def test_a_frozen_run_checkpoints_and_resumes(tmp_path):
   last = helpers.restore_numpy(tmp_path / 'checkpoints' / '10' / 'state')
   np.testing.assert_array_equal(base['params']['embedder']['input_embedding'],
                                 last['params']['embedder']['input_embedding'])
+
+
+def test_frozen_parameters_count_four_flops_per_token_not_six():
+  from mtnt_tpu import flops
+  run = train.build(helpers.tiny_config(**{'train.freeze': 'embedder/'}))
+  frozen = run.freeze.count(run.abstract_params)
+  assert frozen == run.abstract_params['embedder']['input_embedding'].size
+  total = sum(x.size for x in jax.tree.leaves(run.abstract_params))
+  full = flops.per_token(total, 2, 4, 32, 64)
+  assert flops.per_token(total, 2, 4, 32, 64, frozen_params=frozen) == full - 2 * frozen
