@@ -8,7 +8,7 @@ from mtnt_tpu import checkpoint
 
 
 def _state(step: int) -> dict:
-  return {'w': jnp.full((4,), float(step)), 'step': jnp.asarray(step)}
+  return {'params': {'w': jnp.full((4,), float(step))}, 'step': jnp.asarray(step)}
 
 
 def test_only_the_last_keep_checkpoints_stay(tmp_path):
@@ -19,7 +19,7 @@ def test_only_the_last_keep_checkpoints_stay(tmp_path):
   assert ckpts.all_steps() == [15, 20] and ckpts.latest_step() == 20
   assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['15', '20']
   restored = ckpts.restore(15, _state(0), None)
-  np.testing.assert_array_equal(restored['w'], np.full(4, 15.0))
+  np.testing.assert_array_equal(restored['params']['w'], np.full(4, 15.0))
   ckpts.close()
 
 
@@ -35,7 +35,8 @@ def test_best_follows_best_mode(tmp_path, mode, scores, best):
   ckpts.wait()
   assert ckpts.best_step() == best
   assert ckpts.best_value() == scores[best]
-  np.testing.assert_array_equal(ckpts.restore_best(_state(0))['w'], np.full(4, float(best)))
+  best_params = ckpts.restore_params(best, _state(0)['params'], best=True)
+  np.testing.assert_array_equal(best_params['w'], np.full(4, float(best)))
   ckpts.close()
 
 
