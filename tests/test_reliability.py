@@ -212,7 +212,7 @@ def test_damaged_latest_checkpoint_is_named_moved_aside_and_skipped(
     ckpts.close()
   assert int(jax.device_get(state.step)) == 50
   assert (wd / 'damaged' / '100').is_dir() and not (wd / 'checkpoints' / '100').exists()
-  named = [r.getMessage() for r in caplog.records if 'damaged' in r.getMessage()]
+  named = [r.getMessage() for r in caplog.records if ' is damaged (' in r.getMessage()]
   assert len(named) == 1 and 'checkpoint step 100' in named[0], named
   assert '\n' not in named[0]
 
