@@ -197,11 +197,13 @@ def test_damaged_latest_checkpoint_is_named_moved_aside_and_skipped(
   wd = _copy(tmp_path_factory, tmp_path / 'wd')
   _damage(wd / 'checkpoints' / '100', kind)
   config = workdir_lib.load_config(str(wd))
-  # translate and export name the damaged step and stop.
-  with pytest.raises(workdir_lib.WorkdirError,
-                     match=r'^checkpoint step 100 at .*/checkpoints/100 is damaged \(.*\); '
-                     r'pass --step with an intact one \(others: 50'):
-    workdir_lib.restore(str(wd), config, step=100)
+  # translate and export name the damaged step and stop. They read only the
+  # params, so a truncated optimizer-state file does not concern them.
+  if kind != 'truncated array file':
+    with pytest.raises(workdir_lib.WorkdirError,
+                       match=r'^checkpoint step 100 at .*/checkpoints/100 is damaged \(.*\); '
+                       r'pass --step with an intact one \(others: 50'):
+      workdir_lib.restore(str(wd), config, step=100)
   # The trainer names it in one line, moves it aside and resumes from step 50.
   ckpts = checkpoint_lib.Checkpoints(str(wd), 3)
   try:
@@ -210,7 +212,7 @@ def test_damaged_latest_checkpoint_is_named_moved_aside_and_skipped(
     ckpts.close()
   assert int(jax.device_get(state.step)) == 50
   assert (wd / 'damaged' / '100').is_dir() and not (wd / 'checkpoints' / '100').exists()
-  named = [r.getMessage() for r in caplog.records if 'damaged' in r.getMessage()]
+  named = [r.getMessage() for r in caplog.records if ' is damaged (' in r.getMessage()]
   assert len(named) == 1 and 'checkpoint step 100' in named[0], named
   assert '\n' not in named[0]
 
