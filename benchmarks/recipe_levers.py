@@ -5,8 +5,8 @@
 Builds `configs/gemma3_270m_cpu.py` with each lever's overrides, compiles its
 train step and times `--steps` steps on real Multi30k batches (each blocked on
 its result, the first step after compile excluded), in rounds so machine noise
-hits every lever alike. Weights are random unless the converted checkpoint
-exists: speed does not depend on their values. Prints a markdown table.
+hits every lever alike. Weights are random (speed does not depend on their
+values); the tokenizer is the converted checkpoint's. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -36,7 +36,11 @@ LEVERS = {
 
 def _config(overrides: dict):
   from configs import gemma3_270m_cpu
+  from mtnt_tpu import formats
   c = gemma3_270m_cpu.get_config()
+  # Random weights of the same shapes (speed does not depend on their values),
+  # with the converted checkpoint's tokenizer.
+  c.tokenizer.path = formats.tokenizer_path('', c.model.checkpoint)
   c.model.checkpoint = 'random'
   for key, value in overrides.items():
     node = c
