@@ -22,7 +22,7 @@ def get_config():
   c.data.dir = os.path.join(home, 'data', 'multi30k')
   c.data.max_len = 128
   c.train.batch_size = 4
-  c.train.num_steps = 230
+  c.train.num_steps = 270
   c.train.log_every = 10
   c.train.eval_at_start = False
   c.train.eval_every = 100_000  # once, at the end
