@@ -49,7 +49,7 @@ def _load(args):
   c = common.get_config()
   c.model.variant, c.model.checkpoint, c.tokenizer.path = args.variant, args.checkpoint, args.tokenizer
   c.train.batch_size = jax.local_device_count()
-  run = train.build(c, jax.local_devices(), vocab_size=tok.vocab_size)
+  run = train.build_without_files(c, jax.local_devices(), tok.vocab_size)
   run = dataclasses.replace(run, tokenizer=tok)
   return run, model_lib.load_kaggle_params(args.checkpoint, run.abstract_params)
 

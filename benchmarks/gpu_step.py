@@ -115,7 +115,7 @@ def measure(args, batch: int, length: int, loss_chunk: int, device,
   from mtnt_tpu import train
   from mtnt_tpu import state as state_lib
   config = make_config(args, batch, length, loss_chunk)
-  run = train.build(config, devices=[device], vocab_size=args.vocab)
+  run = train.build_without_files(config, [device], args.vocab)
   t0 = time.perf_counter()
   step = train.lower_steps(run)[0].compile()
   compile_s = time.perf_counter() - t0

@@ -78,6 +78,7 @@ def _child(args) -> None:
   from mtnt_tpu import formats
   from mtnt_tpu import model as model_lib
   from mtnt_tpu import sharding
+from mtnt_tpu import state as state_lib
   from mtnt_tpu import checkpoint as checkpoint_lib
 
   if args.child == 'load':
@@ -96,7 +97,7 @@ def _child(args) -> None:
                             num_layers=args.stand_in_layers)
   abstract = model_lib.abstract_params(model_lib.make_model(cfg), 'bfloat16')
   mesh = sharding.make_mesh(1, 8)
-  target = checkpoint_lib.with_shardings(abstract, sharding.tree_shardings(abstract, mesh))
+  target = state_lib.placed(abstract, mesh)
   with PeakMemory() as mem:
     if args.mode == 'lazy':
       from mtnt_tpu.formats import hf
@@ -202,7 +203,7 @@ def _real_model(args, tmp: str, out: dict, save) -> None:
   config.tokenizer.path = tok.path
   config.mesh.data, config.mesh.fsdp = 1, 1
   config.train.batch_size = 1
-  run = train.build(config, jax.devices()[:1], vocab_size=vocab)
+  run = train.build_without_files(config, jax.devices()[:1], vocab)
   params = formats.load(args.gguf, run.abstract_params, 'gemma3_270m')
   from_hf = formats.load(hf_dir, run.abstract_params, 'gemma3_270m')
   model = model_lib.make_model(run.model_config)

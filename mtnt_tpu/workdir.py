@@ -30,8 +30,9 @@ class WorkdirError(ValueError):
   """A workdir that cannot be used, with the fix in the message."""
 
 
-def resolve(workdir: str) -> str:
+def resolve(workdir: str | os.PathLike) -> str:
   """An absolute path (orbax refuses relative ones), or a gs:// URL as it is."""
+  workdir = os.fspath(workdir)
   return workdir if '://' in workdir else os.path.abspath(os.path.expanduser(workdir))
 
 

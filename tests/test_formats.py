@@ -22,6 +22,7 @@ from mtnt_tpu import formats
 from mtnt_tpu import lora as lora_lib
 from mtnt_tpu import model as model_lib
 from mtnt_tpu import sharding
+from mtnt_tpu import state as state_lib
 from mtnt_tpu.formats import hf
 from mtnt_tpu.formats import kaggle
 from mtnt_tpu.formats import layout
@@ -72,7 +73,7 @@ def _target(cfg, dtype='float32'):
   """The abstract params in the tiny config's shardings (mesh data=2 x fsdp=4)."""
   abstract = model_lib.abstract_params(model_lib.make_model(cfg), dtype)
   mesh = sharding.make_mesh(2, 4)
-  return checkpoint_lib.with_shardings(abstract, sharding.tree_shardings(abstract, mesh))
+  return state_lib.placed(abstract, mesh)
 
 
 def _equal(a, b):

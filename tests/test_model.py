@@ -11,6 +11,7 @@ from jax.sharding import PartitionSpec as P
 from mtnt_tpu import model as model_lib
 from mtnt_tpu import state as state_lib
 from mtnt_tpu import train
+from mtnt_tpu.formats import kaggle
 from tests import helpers
 
 
@@ -62,11 +63,11 @@ def test_kaggle_checkpoint_layout_is_gemmas(tmp_path):
   """The project's layout functions agree with what gemma's saver writes."""
   path, params = _write_kaggle_checkpoint(tmp_path)
   raw = gemma_params.load_params(path)
-  ours = model_lib.to_kaggle_layout(params)
+  ours = kaggle.to_kaggle_layout(params)
   assert 'transformer/layer_0/mlp/linear' in ours and 'w' in ours['transformer/layer_0/mlp/linear']
   assert jax.tree.structure(ours) == jax.tree.structure(raw)
   jax.tree.map(np.testing.assert_array_equal, raw, ours)
-  jax.tree.map(np.testing.assert_array_equal, model_lib.from_kaggle_layout(raw), params)
+  jax.tree.map(np.testing.assert_array_equal, kaggle.from_kaggle_layout(raw), params)
 
 
 def test_load_kaggle_restores_equal_weights_in_their_shardings(tmp_path):

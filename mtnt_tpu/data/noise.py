@@ -146,32 +146,38 @@ def noisy_record(record: bytes, rate: float, seed: int, index: int) -> bytes:
   return records.encode(dataclasses.replace(pair, src=noise_text(pair.src, rng)))
 
 
-_INPUT = flags.DEFINE_string('input', None, 'Source sentences, one per line (UTF-8).')
-_OUTPUT = flags.DEFINE_string('output', None, 'Where the noised lines go ("-": stdout).')
-_SEED = flags.DEFINE_integer('seed', 0, 'Noise seed; line i is noised with (seed, i).')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags; only when run as a program, so importing defines none."""
+  flags.DEFINE_string('input', None, 'Source sentences, one per line (UTF-8).')
+  flags.DEFINE_string('output', None, 'Where the noised lines go ("-": stdout).')
+  flags.DEFINE_integer('seed', 0, 'Noise seed; line i is noised with (seed, i).')
 
 
 def main(argv) -> None:
   """python -m mtnt_tpu.data.noise --input val.en --output val.noisy.en [--seed 0]"""
   del argv
-  if not _INPUT.value or not _OUTPUT.value:
+  if not FLAGS.input or not FLAGS.output:
     raise app.UsageError('give --input FILE and --output FILE (or - for stdout)')
   try:
-    with open(_INPUT.value, encoding='utf-8') as f:
+    with open(FLAGS.input, encoding='utf-8') as f:
       lines = f.read().split('\n')
   except (OSError, UnicodeDecodeError) as e:
-    raise SystemExit(f'error: cannot read --input={_INPUT.value}: {e}') from None
+    raise SystemExit(f'error: cannot read --input={FLAGS.input}: {e}') from None
   if lines and lines[-1] == '':
     lines.pop()
-  out = '\n'.join(noisy(line, _SEED.value, i) for i, line in enumerate(lines)) + '\n'
-  if _OUTPUT.value == '-':
+  out = '\n'.join(noisy(line, FLAGS.seed, i) for i, line in enumerate(lines)) + '\n'
+  if FLAGS.output == '-':
     sys.stdout.write(out)
     return
-  tmp = f'{_OUTPUT.value}.tmp'
+  tmp = f'{FLAGS.output}.tmp'
   with open(tmp, 'w', encoding='utf-8') as f:
     f.write(out)
-  os.replace(tmp, _OUTPUT.value)
+  os.replace(tmp, FLAGS.output)
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -93,6 +93,7 @@ def save(fmt: str, params: Any, cfg: model_lib.TransformerConfig, out: str, *, t
   adapters and `lora` holds peft.save's rank, alpha and base_model. Returns
   the path a loader takes.
   """
+  out = os.path.abspath(os.path.expanduser(out))  # orbax refuses relative paths
   if os.path.exists(out):
     raise FileExistsError(f'--out {out} already exists; nothing is overwritten, pass a new '
                           'directory')

@@ -10,6 +10,7 @@ the URL is printed on stderr once the server is ready.
 from __future__ import annotations
 
 import ipaddress
+import logging as logging_std
 import socket
 import sys
 
@@ -83,7 +84,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # stderr is for the URL, requests and problems
-  workdir_lib.quiet_libraries()
+  runtime.quiet_libraries(logging_std.ERROR)  # orbax's notes stay off the log
   try:
     limits = app_lib.Limits(FLAGS.max_texts, FLAGS.max_text_chars, FLAGS.max_body_bytes,
                             FLAGS.batch_window_ms / 1e3)
