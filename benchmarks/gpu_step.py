@@ -117,7 +117,7 @@ def measure(args, batch: int, length: int, loss_chunk: int, device,
   config = make_config(args, batch, length, loss_chunk)
   run = train.build_without_files(config, [device], args.vocab)
   t0 = time.perf_counter()
-  step = train.lower_steps(run)[0].compile()
+  step = train.lower_steps(run).train.compile()
   compile_s = time.perf_counter() - t0
   state = state_lib.init_state(run, jax.random.key(0))
   data = full_batch(batch, length, run.model_config.num_embed, run.batch_sharding)

@@ -78,8 +78,7 @@ def _child(args) -> None:
   from mtnt_tpu import formats
   from mtnt_tpu import model as model_lib
   from mtnt_tpu import sharding
-from mtnt_tpu import state as state_lib
-  from mtnt_tpu import checkpoint as checkpoint_lib
+  from mtnt_tpu import state as state_lib
 
   if args.child == 'load':
     cfg = model_lib.build_config(args.variant, args.vocab)

@@ -138,7 +138,7 @@ def _largest_buffer(loss_chunk: int, vocab: int, batch: int, length: int) -> int
   config = helpers.tiny_config(**{'train.batch_size': batch, 'data.max_len': length,
                                    'model.loss_chunk': loss_chunk})
   run = train.build_without_files(config, jax.devices(), vocab)
-  hlo = train.lower_steps(run)[0].compile().as_text()
+  hlo = train.lower_steps(run).train.compile().as_text()
   return max(_BYTES[t] * int(np.prod([int(d) for d in dims.split(',')]))
              for t, dims in re.findall(r'\b(f32|bf16|s32|u32|pred)\[([\d,]+)\]', hlo))
 

@@ -17,7 +17,6 @@ import pytest
 import sentencepiece as spm
 from safetensors import numpy as safetensors_numpy
 
-from mtnt_tpu import checkpoint as checkpoint_lib
 from mtnt_tpu import formats
 from mtnt_tpu import lora as lora_lib
 from mtnt_tpu import model as model_lib
