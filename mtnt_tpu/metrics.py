@@ -123,7 +123,9 @@ class StepLog:
   def paused(self):
     """Time inside (evals, saves) is charged to no interval."""
     jax.block_until_ready(self._steps)
-    self._active_s += self._clock.lap()
+    lap = self._clock.lap()
+    if self._steps:  # time with no step in flight (start-up, compiles) is nobody's
+      self._active_s += lap
     try:
       yield
     finally:
