@@ -203,10 +203,10 @@ def _loop_ops(hlo: str) -> str:
 @pytest.mark.parametrize('beam_size', [1, 3])
 def test_token_loop_reads_replicated_weights_without_gathers(trained, beam_size):
   _, tr = trained
-  assert tr.run.mesh.shape['fsdp'] == 8  # the weights train sharded over 8 devices
+  assert tr.setup.mesh.shape['fsdp'] == 8  # the weights train sharded over 8 devices
   loops = {}
   for replicate in (True, False):
-    d = decode.Decoder(tr.run, tr.run.tokenizer, batch_size=8, max_prompt_len=P,
+    d = decode.Decoder(tr.setup, tr.setup.tokenizer, batch_size=8, max_prompt_len=P,
                        max_decode_len=T, beam_size=beam_size, replicate_params=replicate)
     loops[replicate] = _loop_ops(d.executable(d.buckets[0]).as_text())
   assert 'all-gather' not in loops[True]
@@ -225,7 +225,7 @@ def test_decoding_stops_when_every_row_has_ended(trained, decoder, prompts):
 
 def test_prompts_compile_per_bucket_once(trained, prompts):
   _, tr = trained
-  d = decode.Decoder(tr.run, tr.run.tokenizer, batch_size=8, max_prompt_len=P,
+  d = decode.Decoder(tr.setup, tr.setup.tokenizer, batch_size=8, max_prompt_len=P,
                      max_decode_len=T)
   assert d.buckets == (16, 32, P) and not d._compiled, 'compiled lazily'
   d.generate(tr.params, prompts)
@@ -254,13 +254,13 @@ def _score(tr, prompt, answer, alpha):
   """Length-normalised log-probability of `answer` (stop token included) after `prompt`."""
   ids = np.zeros((1, P + T), np.int32)
   ids[0, :len(prompt) + len(answer)] = list(prompt) + list(answer)
-  logp = np.asarray(_log_probs_fn(tr.run.model_config)(tr.params, ids)[0])
+  logp = np.asarray(_log_probs_fn(tr.setup.model_config)(tr.params, ids)[0])
   total = sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(answer))
   return float(decode.length_normalized(total, len(answer), alpha))
 
 
 def _beam_decoder(tr, beam_size, length_penalty=0.6):
-  return decode.Decoder(tr.run, tr.run.tokenizer, batch_size=8, max_prompt_len=P,
+  return decode.Decoder(tr.setup, tr.setup.tokenizer, batch_size=8, max_prompt_len=P,
                         max_decode_len=T, beam_size=beam_size, length_penalty=length_penalty)
 
 
@@ -269,7 +269,7 @@ def test_beam_search_of_one_beam_is_greedy_decoding(trained, decoder, prompts):
   beam = _beam_decoder(tr, 1)
   # beam_size=1 runs the plain loop: run beam search itself with one beam.
   fn = jax.jit(functools.partial(
-      decode._beam_search, model=model_lib.make_model(tr.run.model_config),
+      decode._beam_search, model=model_lib.make_model(tr.setup.model_config),
       cache_constraint=lambda c: c, compute_dtype=jnp.float32, stop_ids=beam.stop_ids,
       max_decode_len=T, beam_size=1, length_penalty=0.6, mesh=None))
   greedy = decoder.generate(tr.params, prompts)
@@ -312,7 +312,7 @@ def test_beam_search_never_scores_below_greedy(trained, decoder, prompts, alpha)
 def test_bad_decoding_options_are_one_line_errors(trained):
   _, tr = trained
   with pytest.raises(ValueError, match='beam search is deterministic'):
-    decode.Decoder(tr.run, tr.run.tokenizer, batch_size=8, max_prompt_len=P, max_decode_len=T,
+    decode.Decoder(tr.setup, tr.setup.tokenizer, batch_size=8, max_prompt_len=P, max_decode_len=T,
                    beam_size=2, sampling=decode.Sampling(temperature=1.0))
   for field, value in (('beam_size', 0), ('decode_batch_size', 0), ('length_penalty', -1.0)):
     with pytest.raises(train.ConfigError, match=f'config.eval.{field}={value}'):
@@ -321,7 +321,7 @@ def test_bad_decoding_options_are_one_line_errors(trained):
 
 def test_translate_beam_size_flag_decodes_like_the_beam_decoder(trained):
   wd, tr = trained
-  sources = [p.src for p in evaluate.eval_pairs(tr.run.config.data, 6)]
+  sources = [p.src for p in evaluate.eval_pairs(tr.setup.config.data, 6)]
   r = trained_run.run_module('translate', '--workdir', str(wd), '--beam_size', '3',
                              '--length_penalty', '0.0', '--max_prompt_len', str(P),
                              '--max_decode_len', str(T), stdin='\n'.join(sources) + '\n')

@@ -96,7 +96,7 @@ def test_export_hf_loads_back_as_the_trained_weights(exported, tmp_path):
       'config.json', 'generation_config.json', 'model.safetensors', 'mtnt_export.json',
       'tokenizer.model']
   trained = workdir_lib.restore(str(wd), workdir_lib.load_config(str(wd)))
-  loaded = formats.load(path, trained.run.abstract_params, 'tiny')
+  loaded = formats.load(path, trained.setup.abstract_params, 'tiny')
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                loaded, trained.params)
   with pytest.raises(workdir_lib.WorkdirError, match='--format peft writes LoRA adapters'):

@@ -14,14 +14,14 @@ pytestmark = pytest.mark.slow
 def setup(tmp_path_factory):
   wd = trained_run.workdir(tmp_path_factory)
   tr = workdir_lib.restore(wd, workdir_lib.load_config(wd))
-  sources = [p.src for p in evaluate.eval_pairs(tr.run.config.data, 8)]
+  sources = [p.src for p in evaluate.eval_pairs(tr.setup.config.data, 8)]
 
   def generate(sampling: decode.Sampling) -> list[list[int]]:
-    decoder = decode.Decoder(tr.run, tr.run.tokenizer, batch_size=8, max_prompt_len=40,
+    decoder = decode.Decoder(tr.setup, tr.setup.tokenizer, batch_size=8, max_prompt_len=40,
                              max_decode_len=16, sampling=sampling)
     return decoder.generate(tr.params, decoder.encode_prompts(sources))
 
-  return generate, tr.run.tokenizer
+  return generate, tr.setup.tokenizer
 
 
 def test_sampling_from_the_top_token_alone_is_greedy(setup):

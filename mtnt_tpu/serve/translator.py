@@ -187,7 +187,7 @@ def model_info(workdir: str, trained: workdir_lib.Trained) -> ModelInfo:
   return ModelInfo(workdir=os.path.basename(os.path.normpath(workdir)),
                    variant=c.model.variant, step=trained.step, origin=trained.origin,
                    metrics=_eval_metrics(os.path.join(workdir, 'metrics.jsonl'), trained.step),
-                   src_lang=c.data.src_lang, dst_lang=c.data.dst_lang)
+                   src_lang=c.data.get('src_lang', 'English'), dst_lang=c.data.dst_lang)
 
 
 def _eval_metrics(path: str, step: int) -> dict[str, float]:
