@@ -26,6 +26,8 @@ LEVERS = {
     'chunked_loss': {'train.freeze': '', 'model.loss_positions': 0.0},
     'freeze_embedding': {'train.freeze': 'embedder/', 'model.loss_chunk': 0,
                          'model.loss_positions': 0.0},
+    'freeze_embedding_bf16': {'train.freeze': 'embedder/', 'model.loss_chunk': 0,
+                              'model.loss_positions': 0.0, 'model.compute_dtype': 'bfloat16'},
     'freeze_chunked': {'train.freeze': 'embedder/', 'model.loss_positions': 0.0},
     'freeze_chunked_targets': {'train.freeze': 'embedder/', 'model.loss_positions': 0.75},
     'freeze_chunked_targets_bf16': {'train.freeze': 'embedder/', 'model.loss_positions': 0.75,
@@ -42,12 +44,7 @@ def _config(overrides: dict):
   # with the converted checkpoint's tokenizer.
   c.tokenizer.path = formats.tokenizer_path('', c.model.checkpoint)
   c.model.checkpoint = 'random'
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 
