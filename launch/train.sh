@@ -76,5 +76,9 @@ for word in "${TRAIN[@]}"; do
 done
 
 [[ -z $ACCELERATOR_TYPE ]] || note "starting on $(hosts_phrase) of $ACCELERATOR_TYPE"
-tpu_ssh all "cd $REMOTE_DIR || exit 1; if pgrep -f \"$PROC_PATTERN\" >/dev/null; then echo \"\$(hostname): already training; run launch/stop.sh first\" >&2; exit 1; fi; [ ! -f train.log ] || mv -f train.log train.log.prev; setsid nohup $TRAIN_TEXT >train.log 2>&1 </dev/null & pid=\$!; sleep \${MTNT_START_CHECK_S:-20}; if kill -0 \$pid 2>/dev/null; then echo \"\$(hostname): started pid \$pid, log in $REMOTE_DIR/train.log\"; else echo \"\$(hostname): the trainer exited in its first seconds; the end of $REMOTE_DIR/train.log:\" >&2; tail -n 5 train.log >&2; exit 1; fi"
+# Every worker is asked first and none starts unless all are free: a worker
+# started beside one that refused would wait out jax.distributed's 300 s
+# rendezvous for it and then die.
+tpu_ssh all "if pgrep -f \"$PROC_PATTERN\" >/dev/null; then echo \"\$(hostname): already training; run launch/stop.sh first\" >&2; exit 1; fi"
+tpu_ssh all "cd $REMOTE_DIR || exit 1; [ ! -f train.log ] || mv -f train.log train.log.prev; setsid nohup $TRAIN_TEXT >train.log 2>&1 </dev/null & pid=\$!; sleep \${MTNT_START_CHECK_S:-20}; if kill -0 \$pid 2>/dev/null; then echo \"\$(hostname): started pid \$pid, log in $REMOTE_DIR/train.log\"; else echo \"\$(hostname): the trainer exited in its first seconds; the end of $REMOTE_DIR/train.log:\" >&2; tail -n 5 train.log >&2; exit 1; fi"
 note "follow it with: launch/logs.sh --name $NAME --zone $ZONE${PROJECT:+ --project $PROJECT}"

@@ -15,7 +15,6 @@ it crashed.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import json
@@ -34,6 +33,7 @@ from jax.experimental import topologies
 import ml_collections
 from ml_collections import config_flags
 
+from mtnt_tpu import hlo
 from mtnt_tpu import model as model_lib
 from mtnt_tpu import train
 
@@ -162,12 +162,6 @@ class Memory:
 
 
 @dataclasses.dataclass(frozen=True)
-class Collective:
-  count: int
-  bytes: int  # sum of result sizes per device
-
-
-@dataclasses.dataclass(frozen=True)
 class FitReport:
   topology: str
   libtpu_topology: str
@@ -190,7 +184,7 @@ class FitReport:
   memory: Memory
   flops_per_step: float  # compiled, all devices
   flops_model: float  # 6 x params x tokens; 4 x with LoRA (no frozen-weight gradients)
-  collectives: dict[str, Collective]
+  collectives: dict[str, hlo.Collective]
   compile_s: float
 
   @property
@@ -211,34 +205,6 @@ class FitReport:
     out.update(tokens=self.tokens, fits=self.fits, total_gib=self.total_gib,
                flops_per_token=self.flops_per_step / self.tokens)
     return out
-
-
-_COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all',
-                'collective-permute')
-# '%x = TYPE op(' or '%x = TYPE op-done(' (the async pair's result is the done's;
-# the matching '-start' carries operand and result both, so it is skipped).
-_OP_RE = re.compile(r'^\s*(?:ROOT\s+)?%\S+\s*=\s*(.+?)\s+(' + '|'.join(_COLLECTIVES)
-                    + r')(-done)?\(', re.MULTILINE)
-_SHAPE_RE = re.compile(r'\b([a-z]+\d*)\[([\d,]*)\]')
-_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'f8e4m3fn': 1, 'f8e5m2': 1, 'bf16': 2, 'f16': 2,
-                's16': 2, 'u16': 2, 'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8,
-                'u64': 8, 'c64': 8, 'c128': 16}
-
-
-def collectives(hlo_text: str) -> dict[str, Collective]:
-  """Count and result bytes of each collective in compiled HLO text.
-
-  A static count: an op inside a loop body (gradient accumulation) counts once.
-  """
-  count: collections.Counter = collections.Counter()
-  size: collections.Counter = collections.Counter()
-  for m in _OP_RE.finditer(hlo_text):
-    result_type, op = m.group(1), m.group(2)
-    count[op] += 1
-    for dtype, dims in _SHAPE_RE.findall(result_type):
-      n = math.prod(int(d) for d in dims.split(',') if d)
-      size[op] += n * _DTYPE_BYTES.get(dtype, 4)
-  return {op: Collective(count[op], size[op]) for op in _COLLECTIVES if count[op]}
 
 
 def _vocab_size(config: ml_collections.ConfigDict) -> int:
@@ -288,7 +254,7 @@ def fit_check(config: ml_collections.ConfigDict, topo: Topology,
       # cost_analysis describes one device's partitioned program.
       flops_per_step=float(cost.get('flops', 0.0)) * run.mesh.size,
       flops_model=(4.0 if run.lora else 6.0) * params * c.train.batch_size * c.data.max_len,
-      collectives=collectives(compiled.as_text()), compile_s=compile_s)
+      collectives=hlo.collectives(compiled.as_text()), compile_s=compile_s)
 
 
 def _size(n: float) -> str:

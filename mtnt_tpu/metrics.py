@@ -56,26 +56,40 @@ class Writer:
 
 
 class _JsonLines:
-  """An append-only file; on object stores (gs://), which cannot append, the
-  whole file is rewritten at each record (it stays small: one line a log)."""
+  """An append-only file. Object stores (gs://) cannot append, so there the
+  whole file is rewritten, at most once every `rewrite_every_s` and at close:
+  rewriting at every record would move O(records^2) bytes over a long run.
+  A run killed outright loses at most that many seconds of records, which a
+  resumed run writes again from its checkpoint."""
 
-  def __init__(self, path: epath.Path):
+  def __init__(self, path: epath.Path, *, appendable: bool | None = None,
+               rewrite_every_s: float = 60.0, clock=time.monotonic):
     self._path = path
-    self._local = '://' not in str(path)
+    self._appendable = '://' not in str(path) if appendable is None else appendable
+    self._rewrite_every_s, self._clock = rewrite_every_s, clock
     self._lines: list[str] = []
-    if not self._local and path.exists():
+    self._pending = False
+    self._rewritten_at = -math.inf
+    if not self._appendable and path.exists():
       self._lines = path.read_text().splitlines()
 
   def append(self, line: str) -> None:
-    if self._local:
+    if self._appendable:
       with open(self._path, 'a', encoding='utf-8') as f:
         f.write(line + '\n')
-    else:
-      self._lines.append(line)
-      self._path.write_text('\n'.join(self._lines) + '\n')
+      return
+    self._lines.append(line)
+    self._pending = True
+    if self._clock() - self._rewritten_at >= self._rewrite_every_s:
+      self._rewrite()
+
+  def _rewrite(self) -> None:
+    self._path.write_text('\n'.join(self._lines) + '\n')
+    self._pending, self._rewritten_at = False, self._clock()
 
   def close(self) -> None:
-    pass
+    if self._pending:
+      self._rewrite()
 
 
 def _fmt(v: float) -> str:

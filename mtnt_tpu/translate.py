@@ -21,6 +21,7 @@ from absl import logging
 from sacrebleu.metrics import BLEU, CHRF
 
 from mtnt_tpu import decode as decode_lib
+from mtnt_tpu import sampling as sampling_lib
 from mtnt_tpu import runtime
 from mtnt_tpu import workdir as workdir_lib
 
@@ -89,7 +90,7 @@ class _Progress:
 
 def translate_lines(trained: workdir_lib.Trained, lines: list[str], out: TextIO, *,
                     batch_size: int, max_prompt_len: int, max_decode_len: int,
-                    sampling: decode_lib.Sampling, beam_size: int = 1,
+                    sampling: sampling_lib.Sampling, beam_size: int = 1,
                     length_penalty: float = 0.6) -> list[str]:
   """Writes one translation per line to `out` as each batch finishes; returns them."""
   c = trained.setup.config
@@ -139,7 +140,7 @@ def main(argv):
   try:
     config = workdir_lib.load_config(workdir)
     workdir_lib.use_cpu_devices(config)
-    sampling = decode_lib.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.seed)
+    sampling = sampling_lib.Sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p, FLAGS.seed)
     decoding = _decoding_options(config)
     lines = read_lines(FLAGS.input)
     references = read_lines(FLAGS.reference) if FLAGS.reference else None

@@ -8,6 +8,7 @@ import pytest
 
 from mtnt_tpu import aot
 from mtnt_tpu import commands
+from mtnt_tpu import hlo
 
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec('libtpu') is None,
@@ -79,13 +80,13 @@ def test_parse_topology():
 
 
 def test_collectives_counts_ops_and_result_bytes():
-  hlo = '\n'.join([
+  text = '\n'.join([
       '  %all-gather.1 = bf16[8,2048,256]{2,1,0:T(8,128)(2,1)} all-gather(%p), dimensions={1}',
       '  %ags = (f32[4], f32[16]) all-gather-start(%q), dimensions={0}',
       '  %agd = f32[16]{0} all-gather-done(%ags)',
       '  ROOT %ar = (f32[2,3], bf16[4]) all-reduce(%a, %b), to_apply=%add',
       '  %fusion = f32[4] fusion(%all-reduce.2), kind=kLoop',
   ])
-  got = aot.collectives(hlo)
-  assert got == {'all-gather': aot.Collective(2, 8 * 2048 * 256 * 2 + 16 * 4),
-                 'all-reduce': aot.Collective(1, 6 * 4 + 4 * 2)}
+  got = hlo.collectives(text)
+  assert got == {'all-gather': hlo.Collective(2, 8 * 2048 * 256 * 2 + 16 * 4),
+                 'all-reduce': hlo.Collective(1, 6 * 4 + 4 * 2)}

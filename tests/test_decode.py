@@ -9,10 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mtnt_tpu import beam as beam_lib
 from mtnt_tpu import decode
 from mtnt_tpu import evaluate
 from mtnt_tpu import metrics
 from mtnt_tpu import model as model_lib
+from mtnt_tpu import sampling as sampling_lib
 from mtnt_tpu import tokenizer as tokenizer_lib
 from mtnt_tpu import train
 from mtnt_tpu import workdir as workdir_lib
@@ -141,21 +143,21 @@ def test_chat_template_is_one_format_for_training_evaluation_and_translation(tra
 def test_sampling_options():
   logits = jnp.array([[0.0, 3.0, 2.9, -1.0, 1.0]] * 4)
   rng = jax.random.key_data(jax.random.key(0))
-  greedy = decode.choose_tokens(logits, rng, decode.Sampling())
+  greedy = sampling_lib.choose_tokens(logits, rng, sampling_lib.Sampling())
   assert greedy.tolist() == [1] * 4
-  for s in (decode.Sampling(temperature=1.0, top_k=1), decode.Sampling(temperature=1.0,
+  for s in (sampling_lib.Sampling(temperature=1.0, top_k=1), sampling_lib.Sampling(temperature=1.0,
                                                                        top_p=1e-3)):
-    assert decode.choose_tokens(logits, rng, s).tolist() == [1] * 4
-  top2 = decode.Sampling(temperature=5.0, top_k=2)
+    assert sampling_lib.choose_tokens(logits, rng, s).tolist() == [1] * 4
+  top2 = sampling_lib.Sampling(temperature=5.0, top_k=2)
   seen = {int(t) for i in range(20)
-          for t in decode.choose_tokens(logits, jax.random.fold_in(rng, i), top2)}
+          for t in sampling_lib.choose_tokens(logits, jax.random.fold_in(rng, i), top2)}
   assert seen == {1, 2}
-  nucleus = decode.Sampling(temperature=1.0, top_p=0.7)  # {1: 0.47, 2: 0.43, ...}
+  nucleus = sampling_lib.Sampling(temperature=1.0, top_p=0.7)  # {1: 0.47, 2: 0.43, ...}
   seen = {int(t) for i in range(20)
-          for t in decode.choose_tokens(logits, jax.random.fold_in(rng, i), nucleus)}
+          for t in sampling_lib.choose_tokens(logits, jax.random.fold_in(rng, i), nucleus)}
   assert seen == {1, 2}
   with pytest.raises(ValueError, match='top_p'):
-    decode.Sampling(top_p=0.0)
+    sampling_lib.Sampling(top_p=0.0)
 
 
 @pytest.mark.slow
@@ -256,7 +258,7 @@ def _score(tr, prompt, answer, alpha):
   ids[0, :len(prompt) + len(answer)] = list(prompt) + list(answer)
   logp = np.asarray(_log_probs_fn(tr.setup.model_config)(tr.params, ids)[0])
   total = sum(float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(answer))
-  return float(decode.length_normalized(total, len(answer), alpha))
+  return float(beam_lib.length_normalized(total, len(answer), alpha))
 
 
 def _beam_decoder(tr, beam_size, length_penalty=0.6):
@@ -269,7 +271,7 @@ def test_beam_search_of_one_beam_is_greedy_decoding(trained, decoder, prompts):
   beam = _beam_decoder(tr, 1)
   # beam_size=1 runs the plain loop: run beam search itself with one beam.
   fn = jax.jit(functools.partial(
-      decode._beam_search, model=model_lib.make_model(tr.setup.model_config),
+      beam_lib.search, model=model_lib.make_model(tr.setup.model_config),
       cache_constraint=lambda c: c, compute_dtype=jnp.float32, stop_ids=beam.stop_ids,
       max_decode_len=T, beam_size=1, length_penalty=0.6, mesh=None))
   greedy = decoder.generate(tr.params, prompts)
@@ -313,7 +315,7 @@ def test_bad_decoding_options_are_one_line_errors(trained):
   _, tr = trained
   with pytest.raises(ValueError, match='beam search is deterministic'):
     decode.Decoder(tr.setup, tr.setup.tokenizer, batch_size=8, max_prompt_len=P, max_decode_len=T,
-                   beam_size=2, sampling=decode.Sampling(temperature=1.0))
+                   beam_size=2, sampling=sampling_lib.Sampling(temperature=1.0))
   for field, value in (('beam_size', 0), ('decode_batch_size', 0), ('length_penalty', -1.0)):
     with pytest.raises(train.ConfigError, match=f'config.eval.{field}={value}'):
       train.build(helpers.tiny_config(**{f'eval.{field}': value}))

@@ -178,7 +178,7 @@ def test_setup_from_git_without_data(launch):
 
 @pytest.mark.parametrize('accel', ['v4-8', 'v4-32'])
 def test_train(launch, accel):
-  [line] = launch.dry('train.sh', *LOC, '--accelerator-type', accel,
+  [_, line] = launch.dry('train.sh', *LOC, '--accelerator-type', accel,
                       '--workdir', 'gs://my-bucket/runs/1', '--',
                       '--config.data.dir=~/data', '--config.train.num_steps=100')
   assert line.startswith(SSH)
@@ -191,12 +191,23 @@ def test_train(launch, accel):
 
 
 def test_train_config_and_local_workdir_on_one_host(launch):
-  [line] = launch.dry('train.sh', *LOC, '--accelerator-type=v4-8', '--config',
+  [_, line] = launch.dry('train.sh', *LOC, '--accelerator-type=v4-8', '--config',
                       'configs/tiny_cpu.py', '--workdir', '/tmp/run')
   assert '-m mtnt_tpu.main --config=configs/tiny_cpu.py --workdir=/tmp/run >' in line
   # gs:// needs no accelerator type: the slice's size does not matter.
-  [line] = launch.dry('train.sh', *LOC, '--workdir=gs://b/r')
+  [_, line] = launch.dry('train.sh', *LOC, '--workdir=gs://b/r')
   assert '--workdir=gs://b/r >train.log' in line
+
+
+def test_train_starts_no_worker_while_any_worker_is_training(launch):
+  [check, start] = launch.dry('train.sh', *LOC, '--workdir=gs://b/r')
+  assert 'already training' in check and 'nohup' not in check
+  assert 'already training' not in start
+  # One worker refusing fails the check (gcloud exits 1): nothing is started.
+  proc = launch('train.sh', *LOC, '--workdir=gs://b/r', ok=False, gcloud_rc=1)
+  assert proc.returncode != 0
+  [call] = launch.calls()
+  assert 'already training' in call[-1] and 'nohup' not in call[-1]
 
 
 def test_train_asks_gcloud_for_the_type_of_a_local_workdir_slice(launch):
@@ -232,12 +243,13 @@ def test_stop(launch):
 def test_process_pattern_finds_the_trainer_not_the_shell(launch):
   [line] = launch.dry('stop.sh', *LOC)
   pattern = re.search(r'pkill -TERM -o -f "([^"]*)"', ssh_command(line)).group(1)
-  [train] = launch.dry('train.sh', *LOC, '--workdir=gs://b/r')
+  [check, train] = launch.dry('train.sh', *LOC, '--workdir=gs://b/r')
   shell = 'bash -c ' + ssh_command(train)  # how sshd runs it: pgrep must skip it
   trainer = '.venv/bin/python -m mtnt_tpu.main --config=configs/v4_8.py --workdir=gs://b/r'
   uv_child = '/home/me/mtnt_tpu/.venv/bin/python3 -m mtnt_tpu.main --workdir=gs://b/r'
   matches = subprocess.run(['grep', '-E', pattern], input='\n'.join(
-      [shell, trainer, uv_child, 'bash -c ' + ssh_command(line), 'vim mtnt_tpu/main.py']) + '\n',
+      [shell, trainer, uv_child, 'bash -c ' + ssh_command(line), 'bash -c ' + ssh_command(check),
+       'vim mtnt_tpu/main.py']) + '\n',
       capture_output=True, text=True).stdout.splitlines()
   assert matches == [trainer, uv_child]
 
@@ -290,7 +302,7 @@ def test_worker_starts_the_trainer_detached(launch):
   (venv_bin / 'python').chmod(0o755)
   (home / 'mtnt_tpu' / 'train.log').write_text('old run\n')
   note = "it's ~/here & $HOME"
-  [line] = launch.dry('train.sh', *LOC, '--workdir', 'gs://b/r', '--',
+  [_, line] = launch.dry('train.sh', *LOC, '--workdir', 'gs://b/r', '--',
                       '--config.data.dir=~/data', f'--config.note={note}')
   proc = worker_shell(launch, ssh_command(line))
   assert proc.returncode == 0, proc.stderr
@@ -316,7 +328,7 @@ def test_worker_reports_a_trainer_that_dies_at_once(launch):
   venv_bin.mkdir(parents=True, exist_ok=True)
   (venv_bin / 'python').write_text('#!/usr/bin/env bash\necho "error: bad config"; exit 1\n')
   (venv_bin / 'python').chmod(0o755)
-  [line] = launch.dry('train.sh', *LOC, '--workdir', 'gs://b/r')
+  [_, line] = launch.dry('train.sh', *LOC, '--workdir', 'gs://b/r')
   proc = worker_shell(launch, ssh_command(line))
   assert proc.returncode == 1 and 'started pid' not in proc.stdout
   assert 'the trainer exited in its first seconds' in proc.stderr

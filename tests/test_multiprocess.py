@@ -1,7 +1,10 @@
 """Two JAX processes x 4 CPU devices train exactly as one process x 8 devices."""
 
 import os
+import re
+import signal
 import socket
+import time
 
 import jax
 import numpy as np
@@ -78,3 +81,34 @@ def test_unreachable_coordinator_is_a_bounded_one_line_error(tmp_path):
   assert last.startswith('error: the coordinator 127.0.0.1:')
   assert 'did not answer within 5s' in last
   assert not (tmp_path / 'wd').exists()
+
+
+def test_sigterm_to_one_process_saves_one_agreed_step_on_both(tmp_path):
+  """A spot VM's SIGTERM reaches the hosts at different times, or only one:
+  JAX's preemption sync point makes every process save the same step and exit 0."""
+  wd = tmp_path / 'wd'
+  port = _free_port()
+  long_run = ('--config.train.num_steps=100000', '--config.train.log_every=1',
+              '--config.train.eval_every=100000', '--config.train.checkpoint_every=100000',
+              '--config.data.num_shards=2', '--config.eval.decode_examples=0',
+              '--config.train.eval_at_start=False')
+  procs = [commands.popen(commands.tiny_main(
+      wd, *long_run, '--config.runtime.cpu_devices=4', f'--coordinator_address=127.0.0.1:{port}',
+      '--num_processes=2', f'--process_id={i}', '--distributed_timeout=60')) for i in range(2)]
+  try:
+    deadline = time.monotonic() + 300
+    jsonl = wd / 'metrics.jsonl'
+    while not jsonl.exists() or jsonl.read_text().count('\n') < 3:
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)  # process 0 is never signalled
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, err in zip(procs, errs):
+    assert p.returncode == 0, err[-3000:]
+  saved = [int(m) for err in errs for m in re.findall(r'preempted: saved step (\d+)', err)]
+  assert len(saved) == 2 and saved[0] == saved[1], errs[0][-2000:]
+  assert os.listdir(wd / 'checkpoints') == [str(saved[0])]
+  assert metrics.read(wd)[-1]['step'] <= saved[0] < 100000

@@ -119,6 +119,31 @@ def test_step_log_times_compute_not_dispatch(tmp_path):
   assert sum(r['step_time'] * 4 for r in records) <= wall - 0.3
 
 
+
+def test_metrics_on_an_object_store_are_rewritten_at_most_once_a_minute(tmp_path):
+  """gs:// cannot append: the file is rewritten whole, so not at every record."""
+  now = [0.0]
+  path = tmp_path / 'metrics.jsonl'
+  writes = []
+
+  class Path(type(path)):
+    def write_text(self, text, **kw):
+      writes.append(text.count('\n'))
+      return super().write_text(text, **kw)
+
+  jsonl = metrics_lib._JsonLines(Path(path), appendable=False, clock=lambda: now[0])
+  for i in range(300):  # five minutes of records, one a second
+    jsonl.append(json.dumps({'step': i}))
+    now[0] += 1.0
+  assert writes == [1, 61, 121, 181, 241]
+  jsonl.close()
+  assert writes[-1] == 300
+  assert [json.loads(l)['step'] for l in path.read_text().splitlines()] == list(range(300))
+  # A rerun on the same file keeps what was there.
+  again = metrics_lib._JsonLines(Path(path), appendable=False, clock=lambda: now[0])
+  again.append(json.dumps({'step': 300}))
+  assert len(path.read_text().splitlines()) == 301
+
 # --- a run in this process: SIGTERM in an eval, relative workdir, resume ----
 
 def test_sigterm_during_eval_saves_first_then_resumes(tmp_path, monkeypatch, cache):

@@ -4,6 +4,7 @@ import pytest
 
 from mtnt_tpu import decode
 from mtnt_tpu import evaluate
+from mtnt_tpu import sampling as sampling_lib
 from mtnt_tpu import workdir as workdir_lib
 from tests import trained_run
 
@@ -16,7 +17,7 @@ def setup(tmp_path_factory):
   tr = workdir_lib.restore(wd, workdir_lib.load_config(wd))
   sources = [p.src for p in evaluate.eval_pairs(tr.setup.config.data, 8)]
 
-  def generate(sampling: decode.Sampling) -> list[list[int]]:
+  def generate(sampling: sampling_lib.Sampling) -> list[list[int]]:
     decoder = decode.Decoder(tr.setup, tr.setup.tokenizer, batch_size=8, max_prompt_len=40,
                              max_decode_len=16, sampling=sampling)
     return decoder.generate(tr.params, decoder.encode_prompts(sources))
@@ -26,16 +27,16 @@ def setup(tmp_path_factory):
 
 def test_sampling_from_the_top_token_alone_is_greedy(setup):
   generate, _ = setup
-  assert generate(decode.Sampling(temperature=1.0, top_k=1, seed=5)) == generate(
-      decode.Sampling())
+  assert generate(sampling_lib.Sampling(temperature=1.0, top_k=1, seed=5)) == generate(
+      sampling_lib.Sampling())
 
 
 def test_sampling_is_seeded_and_draws_other_tokens(setup):
   generate, tok = setup
-  hot = decode.Sampling(temperature=3.0, seed=0)
+  hot = sampling_lib.Sampling(temperature=3.0, seed=0)
   first = generate(hot)
   assert generate(hot) == first  # the same seed, the same draws
-  assert generate(decode.Sampling(temperature=3.0, seed=1)) != first
-  assert first != generate(decode.Sampling())
+  assert generate(sampling_lib.Sampling(temperature=3.0, seed=1)) != first
+  assert first != generate(sampling_lib.Sampling())
   stops = set(tok.stop_ids())
   assert all(0 <= t < tok.vocab_size and t not in stops for row in first for t in row)

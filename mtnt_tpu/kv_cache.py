@@ -1,0 +1,60 @@
+"""A batch of left-padded prompts in a KV cache: the prefill, then one token a step.
+
+Prompts are left-padded to one length P, so the last prompt token of every row
+sits in the same cache slot: gemma's attention writes the whole batch at one
+shared cache index (`end_index[0]`), so rows must step in lock-step. Padding
+is masked out of attention, and positions count from each row's first real
+token, so padding changes nothing a row computes.
+
+    prefill  prompt[:, :P-1] into the cache (its logits are unused, and
+             compiled away: no [B, P, V] array for a 256k vocabulary)
+    step t   feed the token in slot P-1+t at position len-1+t; the logits of
+             the next token
+
+Sliding-window layers (Gemma 3) measure their window in cache slots, so left
+padding widens a row's window by its padding: exact while P + T stays within
+the window (512 tokens for Gemma 3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+  """A batch's left-padded prompts and what the steps need to know about them."""
+  model: Any
+  params: Any
+  length_B: jax.Array  # real prompt tokens per row (0: a filler row)
+  real_BC: jax.Array  # cache slots that hold this row's tokens (not left padding)
+  P: int
+
+  def step(self, last_B: jax.Array, t, cache) -> tuple[jax.Array, Any]:
+    """Feeds each row's token for slot P-1+t; logits [B, V] of the next one."""
+    C = self.real_BC.shape[1]
+    positions_B1 = (self.length_B - 1 + t)[:, None]
+    mask_B1C = ((jnp.arange(C) <= self.P - 1 + t)[None, :] & self.real_BC)[:, None, :]
+    logits_B1V, cache = self.model.apply({'params': self.params}, last_B[:, None],
+                                         positions_B1, cache, mask_B1C)
+    return logits_B1V[:, 0], cache
+
+
+def prefill(params, prompt_BP, length_B, *, model, C: int, compute_dtype,
+            cache_constraint: Callable) -> tuple[Prompts, Any]:
+  """The cache holding every prompt but its last token."""
+  B, P = prompt_BP.shape
+  pad_B = P - length_B
+  slot_C = jnp.arange(C)
+  real_BC = slot_C[None, :] >= pad_B[:, None]
+  cache = cache_constraint(model.config.init_cache(B, compute_dtype, cache_length=C))
+  if P > 1:
+    query_Q = jnp.arange(P - 1)
+    positions_BQ = jnp.maximum(query_Q[None, :] - pad_B[:, None], 0)
+    mask_BQC = (slot_C[None, None, :] <= query_Q[None, :, None]) & real_BC[:, None, :]
+    _, cache = model.apply({'params': params}, prompt_BP[:, :-1], positions_BQ, cache, mask_BQC)
+  return Prompts(model, params, length_B, real_BC, P), cache_constraint(cache)
