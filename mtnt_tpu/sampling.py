@@ -54,8 +54,8 @@ def choose_tokens(logits_BV: jax.Array, rng: jax.Array, sampling: Sampling) -> j
 
 
 def generate(params, prompt_BP: jax.Array, length_B: jax.Array, rng: jax.Array, *,
-              model, cache_constraint: Callable, compute_dtype, stop_ids: tuple[int, ...],
-              max_decode_len: int, sampling: Sampling) -> tuple[jax.Array, jax.Array]:
+             model, cache_constraint: Callable, compute_dtype, stop_ids: tuple[int, ...],
+             max_decode_len: int, sampling: Sampling) -> tuple[jax.Array, jax.Array]:
   """New tokens [B, T] for left-padded prompts (PAD after each row's stop token),
   and the number of steps run []."""
   B, P = prompt_BP.shape

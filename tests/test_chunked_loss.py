@@ -43,6 +43,7 @@ def _close(a, b):
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(np.abs(b).max()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('softcap', [None, 5.0])
 @pytest.mark.parametrize('loss_chunk', [B * L // 4, B, 1])  # 4 chunks, one per position, floor
 def test_sums_and_gradients_equal_plain(softcap, loss_chunk):
@@ -74,6 +75,7 @@ def test_frozen_table_gradients_equal_plain():
   jax.tree.map(_close, jax.grad(f)(rest, 16), jax.grad(f)(rest, 0))
 
 
+@pytest.mark.slow
 def test_softcap_is_applied():
   """With a tight soft-cap every logit is within it, so the loss moves."""
   model, params = _tiny(None)
@@ -113,6 +115,7 @@ def _one_step(batch, loss_chunk):
   return helpers.host(state.params), helpers.host(m), helpers.host(sums)
 
 
+@pytest.mark.slow
 def test_train_step_on_eight_devices_equals_plain():
   cfg = helpers.tiny_config()
   b = helpers.train_batches(cfg, 1, local_batch=8)[0]
@@ -143,6 +146,7 @@ def _largest_buffer(loss_chunk: int, vocab: int, batch: int, length: int) -> int
              for t, dims in re.findall(r'\b(f32|bf16|s32|u32|pred)\[([\d,]+)\]', hlo))
 
 
+@pytest.mark.slow
 def test_logits_are_never_whole_in_the_train_step():
   """A large vocabulary on the 2 x 4 mesh: the plain train step holds each
   device's [tokens, vocab] fp32 logits, the chunked one nothing near that."""

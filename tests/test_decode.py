@@ -23,6 +23,8 @@ from mtnt_tpu.data import records
 from tests import helpers
 from tests import trained_run
 
+pytestmark = pytest.mark.slow  # every test decodes with a model trained for it
+
 P, T = 40, 24  # the decoder under test: prompt tokens, new tokens
 
 
@@ -74,7 +76,6 @@ def _greedy_without_cache(tr, prompts, stop_ids):
   return out
 
 
-@pytest.mark.slow
 def test_batched_decoding_equals_decoding_each_alone(trained, decoder, prompts):
   _, tr = trained
   together = decoder.generate(tr.params, prompts)  # two batches of 8, mixed lengths
@@ -83,7 +84,6 @@ def test_batched_decoding_equals_decoding_each_alone(trained, decoder, prompts):
   assert all(together), 'the model translates every sentence'
 
 
-@pytest.mark.slow
 def test_cached_left_padded_decoding_equals_uncached_greedy(trained, decoder, prompts):
   _, tr = trained
   got = decoder.generate(tr.params, prompts)
@@ -96,14 +96,12 @@ def test_cached_left_padded_decoding_equals_uncached_greedy(trained, decoder, pr
   assert sum(w[-1] == tokenizer_lib.EOS for w in want) >= len(want) // 2
 
 
-@pytest.mark.slow
 def test_empty_lines_give_empty_translations(trained, decoder):
   _, tr = trained
   out = decoder.translate(tr.params, ['', 'The boys read the newspapers.', '   '])
   assert out[0] == '' and out[2] == '' and out[1]
 
 
-@pytest.mark.slow
 def test_overlong_prompt_is_cut_with_a_warning_not_an_error(trained, decoder, caplog):
   _, tr = trained
   sources = ['My gardens are pretty.', 'the big red car ' * 40, 'The boys read.']
@@ -114,7 +112,6 @@ def test_overlong_prompt_is_cut_with_a_warning_not_an_error(trained, decoder, ca
   assert out[0] == decoder.translate(tr.params, sources[:1])[0]
 
 
-@pytest.mark.slow
 def test_chat_template_is_one_format_for_training_evaluation_and_translation(trained):
   _, tr = trained
   tok = tr.setup.tokenizer
@@ -160,7 +157,6 @@ def test_sampling_options():
     sampling_lib.Sampling(top_p=0.0)
 
 
-@pytest.mark.slow
 def test_training_logs_bleu_chrf_and_samples_at_every_eval(trained):
   wd, _ = trained
   evals = [r for r in metrics.read(wd) if 'eval_loss' in r]

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from mtnt_tpu import evaluate
 from mtnt_tpu import train
@@ -16,6 +17,7 @@ def _evaluator(tmp_path, packing: bool):
   return run, evaluate.Evaluator(run, eval_step, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_packed_eval_loss_equals_padded_eval_loss(tmp_path):
   run, packed = _evaluator(tmp_path, packing=True)
   _, padded = _evaluator(tmp_path, packing=False)

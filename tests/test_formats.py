@@ -179,6 +179,7 @@ def test_sharded_bf16_export_round_trips_exactly(bpe_tokenizer, tmp_path):
       np.testing.assert_array_equal(a[k], b[k])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', ['tiny', 'tiny_gemma3'])
 def test_logits_are_equal_from_every_format(variant, bpe_tokenizer, tmp_path):
   vocab = spm.SentencePieceProcessor(model_file=bpe_tokenizer).get_piece_size()

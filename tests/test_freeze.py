@@ -30,6 +30,7 @@ def _flat(tree):
           for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+@pytest.mark.slow
 def test_frozen_params_stay_and_the_rest_train_as_without_freezing():
   before, free, _ = _one_step()
   before_f, frozen, opt_state = _one_step(**{'train.freeze': 'embedder/'})

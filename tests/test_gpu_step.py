@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests import helpers
 
 
+@pytest.mark.slow
 def test_gpu_step_script_on_a_tiny_model(tmp_path):
   out = tmp_path / 'gpu_step.json'
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'} | {'JAX_PLATFORMS': 'cpu'}

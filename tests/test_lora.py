@@ -36,6 +36,7 @@ def test_adapters_sit_beside_their_targets_only(targets, expected):
   assert _paths(base) == _paths(plain), 'the base tree is the plain Gemma tree'
 
 
+@pytest.mark.slow
 def test_training_starts_from_the_base_model_exactly():
   cfg, base_model, params = _init('tiny', lora.LoraSpec(4, 8.0, 'both'))
   base, _ = lora.split(params)
@@ -47,6 +48,7 @@ def test_training_starts_from_the_base_model_exactly():
   np.testing.assert_array_equal(with_adapters, plain)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', ['tiny', 'tiny_gemma3'])
 def test_folded_weights_equal_the_adapted_model(variant):
   spec = lora.LoraSpec(4, 8.0, 'both')

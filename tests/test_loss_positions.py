@@ -44,6 +44,7 @@ def tiny():
     (0.5, 0.75),  # every row fits: logits at 24 of 32 positions
     (0.5, 0.25),  # rows hold more targets than 8 slots: every position, same sums
 ])
+@pytest.mark.slow
 def test_sums_and_gradients_equal_every_position(tiny, target_fraction, loss_positions):
   model, params = tiny
   batch = _batch(target_fraction)

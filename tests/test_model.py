@@ -82,6 +82,7 @@ def test_load_kaggle_restores_equal_weights_in_their_shardings(tmp_path):
   assert state.opt_state[1][0].mu['layer_1']['mlp']['linear'].sharding.spec == P('fsdp', None)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_variant_names_both_shapes(tmp_path):
   path, _ = _write_kaggle_checkpoint(tmp_path, variant='tiny_4l')
   run = train.build(helpers.tiny_config(**{'model.checkpoint': path}))

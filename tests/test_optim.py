@@ -62,6 +62,7 @@ def test_unknown_optimizer_names_the_choices():
     optim.make(_cfg(name='lion'), 10)
 
 
+@pytest.mark.slow
 def test_weight_decay_skips_norm_scales_only():
   params = {'layer_0': {'attn': {'q_einsum': {'w': jnp.ones((2, 3))}},
                         'pre_attention_norm': {'scale': jnp.ones(3)}},

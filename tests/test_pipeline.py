@@ -116,6 +116,7 @@ def test_restore_through_orbax_with_the_train_state(tmp_path):
   ckpts.close()
 
 
+@pytest.mark.slow
 def test_two_hosts_split_the_data_and_rebuild_the_same_global_batch():
   cfg = helpers.tiny_config(**{'data.num_shards': 2})
   one = _iter(cfg, 16)

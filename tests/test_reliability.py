@@ -146,6 +146,7 @@ def test_metrics_on_an_object_store_are_rewritten_at_most_once_a_minute(tmp_path
 
 # --- a run in this process: SIGTERM in an eval, relative workdir, resume ----
 
+@pytest.mark.slow
 def test_sigterm_during_eval_saves_first_then_resumes(tmp_path, monkeypatch, cache):
   monkeypatch.chdir(tmp_path)
   real_eval = evaluate_lib.Evaluator.__call__
@@ -176,6 +177,7 @@ def test_sigterm_during_eval_saves_first_then_resumes(tmp_path, monkeypatch, cac
       assert 0 < r['nonpad_fraction'] <= 1, r
 
 
+@pytest.mark.slow
 def test_nan_state_is_never_saved_and_the_message_says_where_a_rerun_resumes(tmp_path, cache):
   config = _short(cache, **{
       'optim.learning_rate': 3e3, 'optim.clip_norm': 0.0, 'train.num_steps': 30,
@@ -217,6 +219,7 @@ def _damage(step_dir, kind):
 
 @pytest.mark.parametrize('kind', ['truncated array file', 'deleted _METADATA',
                                   'deleted state/'])
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_is_named_moved_aside_and_skipped(
     kind, tmp_path, tmp_path_factory, caplog):
   wd = _copy(tmp_path_factory, tmp_path / 'wd')
@@ -242,6 +245,7 @@ def test_damaged_latest_checkpoint_is_named_moved_aside_and_skipped(
   assert '\n' not in named[0]
 
 
+@pytest.mark.slow
 def test_damaged_best_is_named_by_export_and_relative_workdirs_work(
     tmp_path, tmp_path_factory, monkeypatch):
   wd = _copy(tmp_path_factory, tmp_path / 'wd')
@@ -256,6 +260,7 @@ def test_damaged_best_is_named_by_export_and_relative_workdirs_work(
   assert not (tmp_path / 'out2').exists()
 
 
+@pytest.mark.slow
 def test_lost_config_json_is_not_replaced_by_a_run_that_fails(tmp_path, tmp_path_factory):
   wd = _copy(tmp_path_factory, tmp_path / 'wd')
   (wd / 'config.json').unlink()
@@ -278,6 +283,7 @@ def test_lost_config_json_is_not_replaced_by_a_run_that_fails(tmp_path, tmp_path
 
 # --- translate: relative workdir, output replaced only on success -----------
 
+@pytest.mark.slow
 def test_translate_keeps_output_until_done_and_names_a_bad_line(tmp_path, tmp_path_factory):
   wd = trained_run.workdir(tmp_path_factory)
   out = tmp_path / 'hyp.txt'

@@ -36,6 +36,7 @@ def _loss_and_grads(remat: str, params, batch):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('remat', ['block', 'matmuls'])
 def test_remat_keeps_loss_and_gradients(remat, params, batch):
   want_loss, want_g = _loss_and_grads('none', params, batch)

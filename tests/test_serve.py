@@ -23,6 +23,8 @@ from mtnt_tpu.serve import harness
 from mtnt_tpu.serve import translator as translator_lib
 from tests import trained_run
 
+pytestmark = pytest.mark.slow  # serves a model trained for it
+
 MAX_TEXTS, MAX_CHARS, MAX_BODY, BUDGET = 8, 400, 8192, 64
 FLAGS = ('--prompt_lens', f'32,{BUDGET}', '--batch_sizes', '8,16', '--beam_sizes', '1',
          '--max_texts', str(MAX_TEXTS), '--max_text_chars', str(MAX_CHARS),

@@ -34,6 +34,7 @@ def _loss(run, params, batch):
   return sums['loss_sum'] / sums['target_tokens']
 
 
+@pytest.mark.slow
 def test_loss_depends_on_every_example(run, params, batch):
   """Changing any row moves the loss: no row (e.g. logits[0] alone) stands for the batch."""
   base = float(_loss(run, params, batch))
@@ -72,6 +73,7 @@ def _one_step(config, batch, devices):
   return helpers.host(state.params), helpers.host(m)
 
 
+@pytest.mark.slow
 def test_eight_devices_match_one(batch):
   p8, m8 = _one_step({}, batch, jax.devices())
   p1, m1 = _one_step({}, batch, jax.devices()[:1])
@@ -79,6 +81,7 @@ def test_eight_devices_match_one(batch):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), p8, p1)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(batch):
   p1, m1 = _one_step({}, batch, jax.devices()[:4])
   p2, m2 = _one_step({'optim.grad_accum_steps': 2}, batch, jax.devices()[:4])
@@ -86,6 +89,7 @@ def test_gradient_accumulation_matches_one_big_batch(batch):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6), p1, p2)
 
 
+@pytest.mark.slow
 def test_packed_loss_equals_unpacked_loss(run, params):
   """Attention never crosses examples: packing changes nothing but speed."""
   cfg = helpers.tiny_config(**{'data.packing': True})
@@ -103,6 +107,7 @@ def test_packed_loss_equals_unpacked_loss(run, params):
   np.testing.assert_allclose(float(a['loss_sum']), float(b['loss_sum']), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_fp32_master_weights(batch):
   run = train.build(helpers.tiny_config(**{'model.compute_dtype': 'bfloat16',
                                            'train.batch_size': 8}))
