@@ -55,8 +55,9 @@ def main() -> None:
     losses.plot([r['step'] for r in train], [r['loss'] for r in train], '-', lw=0.8,
                 color=line.get_color(), label=f'{name} train')
     ev = [r for r in rows if 'eval_loss' in r]
-    losses.plot([r['step'] for r in ev], [r['eval_loss'] for r in ev], 'o',
-                color=line.get_color(), label=f'{name} eval')
+    if ev:  # config.eval.loss=False runs have none
+      losses.plot([r['step'] for r in ev], [r['eval_loss'] for r in ev], 'o',
+                  color=line.get_color(), label=f'{name} eval')
   by_step.set(xlabel='step', ylabel='score', title='eval BLEU / chrF by step')
   by_time.set(xlabel='minutes since the command started', ylabel='BLEU',
               title='eval BLEU by wall time')
