@@ -39,7 +39,7 @@ from gemma import transformer as gemma_transformer
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import common  # noqa: E402  (the repository root, for configs/)
 from mtnt_tpu import decode as decode_lib
-from mtnt_tpu import model as model_lib
+from mtnt_tpu import formats
 from mtnt_tpu import tokenizer as tokenizer_lib
 from mtnt_tpu import train
 
@@ -51,7 +51,7 @@ def _load(args):
   c.train.batch_size = jax.local_device_count()
   run = train.build_without_files(c, jax.local_devices(), tok.vocab_size)
   run = dataclasses.replace(run, tokenizer=tok)
-  return run, model_lib.load_kaggle_params(args.checkpoint, run.abstract_params)
+  return run, formats.load(args.checkpoint, run.abstract_params, args.variant)
 
 
 @dataclasses.dataclass

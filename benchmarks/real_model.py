@@ -1,6 +1,6 @@
 """A real pretrained Gemma 3 270M (the PyPI Q4_K_M GGUF) through mtnt_tpu, and load memory.
 
-    nice -n 19 uv run --extra test python benchmarks/real_model.py \\
+    uv run --extra test python benchmarks/real_model.py \\
         --gguf /work/models/gemma-3-270m-q4_k_m.gguf --val /work/shared/data/multi30k
 
 Rows (each measured here, in this run):
@@ -297,7 +297,7 @@ def _render(r: dict, path: str) -> None:
   gib = lambda b: f'{b / 2**30:.2f}'
   load = r.get('load', {})
   lines = [BEGIN, '## A real model: Gemma 3 270M from the PyPI GGUF (Q4_K_M)', '',
-           f'`nice -n 19 uv run --extra test python {r["command"]}` on the shared 2-core '
+           f'`uv run --extra test python {r["command"]}` on the 2-core '
            'development machine (CPU, float32) wrote every figure below. Peak memory is '
            'sampled from /proc/self/status (VmRSS counts the pages of memory-mapped files '
            'a read touched; RssAnon is what the process itself holds).']

@@ -122,20 +122,21 @@ def search(params, prompt_BP: jax.Array, length_B: jax.Array, rng: jax.Array, *,
     tokens_BKT = jax.lax.dynamic_update_slice(tokens_BKT, token_BK[:, :, None], (0, 0, t))
     ended_BK = jnp.isin(token_BK, stop_S) & (score_BK > -jnp.inf)
     finished_BK = jnp.where(ended_BK, length_normalized(score_BK, t + 1, alpha), -jnp.inf)
-    k_B = jnp.argmax(finished_BK, axis=1)
-    better_B = jnp.max(finished_BK, axis=1) > best_B
-    best_B = jnp.where(better_B, jnp.max(finished_BK, axis=1), best_B)
-    chosen_BT = jnp.take_along_axis(tokens_BKT, k_B[:, None, None], axis=1)[:, 0]
-    best_BT = jnp.where(better_B[:, None], chosen_BT, best_BT)
+    best_B, best_BT = _keep_better(best_B, best_BT, finished_BK, tokens_BKT)
     alive_BK = jnp.where(ended_BK, -jnp.inf, score_BK)
     return t + 1, token_BK.reshape(B * K), alive_BK, tokens_BKT, best_B, best_BT, cache
 
   steps, _, alive_BK, tokens_BKT, best_B, best_BT, _ = jax.lax.while_loop(cond, body, state)
   # Hypotheses still live at T compete unfinished, scored at length T.
   unfinished_BK = length_normalized(alive_BK, T, alpha)
-  k_B = jnp.argmax(unfinished_BK, axis=1)
-  better_B = jnp.max(unfinished_BK, axis=1) > best_B
-  best_B = jnp.where(better_B, jnp.max(unfinished_BK, axis=1), best_B)
-  chosen_BT = jnp.take_along_axis(tokens_BKT, k_B[:, None, None], axis=1)[:, 0]
-  best_BT = jnp.where(better_B[:, None], chosen_BT, best_BT)
+  best_B, best_BT = _keep_better(best_B, best_BT, unfinished_BK, tokens_BKT)
   return best_BT, best_B, steps
+
+
+def _keep_better(best_B, best_BT, score_BK, tokens_BKT):
+  """Each prompt's best hypothesis so far, or its highest-scoring beam if that scores more."""
+  k_B = jnp.argmax(score_BK, axis=1)
+  top_B = jnp.max(score_BK, axis=1)
+  better_B = top_B > best_B
+  chosen_BT = jnp.take_along_axis(tokens_BKT, k_B[:, None, None], axis=1)[:, 0]
+  return jnp.where(better_B, top_B, best_B), jnp.where(better_B[:, None], chosen_BT, best_BT)
