@@ -59,8 +59,8 @@ class _JsonLines:
   """An append-only file. Object stores (gs://) cannot append, so there the
   whole file is rewritten, at most once every `rewrite_every_s` and at close:
   rewriting at every record would move O(records^2) bytes over a long run.
-  A run killed outright loses at most that many seconds of records, which a
-  resumed run writes again from its checkpoint."""
+  A run killed outright, without reaching close, loses at most its last
+  `rewrite_every_s` seconds of records."""
 
   def __init__(self, path: epath.Path, *, appendable: bool | None = None,
                rewrite_every_s: float = 60.0, clock=time.monotonic):

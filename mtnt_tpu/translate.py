@@ -21,8 +21,8 @@ from absl import logging
 from sacrebleu.metrics import BLEU, CHRF
 
 from mtnt_tpu import decode as decode_lib
-from mtnt_tpu import sampling as sampling_lib
 from mtnt_tpu import runtime
+from mtnt_tpu import sampling as sampling_lib
 from mtnt_tpu import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
