@@ -1,7 +1,8 @@
 """Decoding speed: mtnt_tpu's Decoder vs gemma's classic Sampler, same sentences, same model.
 
     uv run python benchmarks/decode_speed.py --checkpoint DIR --tokenizer FILE \
-        --source /work/shared/data/multi30k/val.en [--sentences 200] [--batch_size 64] [--before]
+        --source /work/shared/data/multi30k/val.en [--sentences 200] [--batch_size 64] \
+        [--samplers 64,16+logits] [--before]
 
 Loads a Kaggle-layout Gemma checkpoint (--variant) on this host's devices,
 takes the first --sentences lines of --source, and decodes them greedily (the
@@ -13,12 +14,16 @@ batches of --batch_size, with:
 - with --before, the Decoder with one prompt length (max_prompt_len) as it
   was before prompt buckets;
 - gemma's `gemma.sampler.Sampler` (gemma 2.0.8), fed the same prompt ids,
-  with `return_logits=False` (its default, True, keeps a [B, L, vocab] fp32
-  buffer and copies it into Python lists: at 262k pieces that, not decoding,
-  is most of its time and memory).
+  once per --samplers entry: BATCH runs it in batches of BATCH with
+  `return_logits=False`; BATCH+logits with the Sampler's own default,
+  `return_logits=True`, which keeps a [B, L, vocab] fp32 buffer and copies
+  each row's into Python lists (at 262k pieces about 0.5 GB a row for 64 new
+  tokens): that is most of such a Sampler's time and memory, and bounds its
+  batch. The default is --batch_size without logits.
 
-The contenders take turns batch by batch, so the machine's other load falls
-on each alike. Times are wall-clock with compiles included (the Decoder's
+The contenders take turns, a chunk of the largest batch size at a time (each
+splits it into its own batches), so the machine's other load falls on each
+alike. Times are wall-clock with compiles included (the Decoder's
 compile time is also given alone). Answers are compared as text, each cut at
 its first newline as `translate` writes it.
 """
@@ -70,27 +75,32 @@ def _decoder(run, params, prompts, args, name, **options) -> _Contender:
   d.compile_for(prompts)
   prepared = d.prepare(params)
   jax.block_until_ready(prepared)
-  c = _Contender(name.format(batch=d.batch_size, buckets=d.buckets),
-                 lambda rows: [d.detokenize(x) for x in
-                               d.run_batch(prepared, [prompts[i] for i in rows]).tokens])
+  def decode(rows):
+    return [d.detokenize(x) for start in range(0, len(rows), d.batch_size)
+            for x in d.run_batch(prepared, [prompts[i] for i in rows[start:start + d.batch_size]]
+                                 ).tokens]
+  c = _Contender(name.format(batch=d.batch_size, buckets=d.buckets), decode)
   c.seconds = time.perf_counter() - t0
   c.compile_seconds = d.compile_seconds
   return c
 
 
-def _sampler(run, params, prompts, args) -> _Contender:
-  """gemma's Sampler over the same prompts (it adds BOS to the text itself)."""
+def _sampler(run, params, prompts, args, batch_size: int, return_logits: bool) -> _Contender:
+  """gemma's Sampler over the same prompts (it adds BOS to the text itself), batch by batch."""
   tok = run.tokenizer
   s = gemma_sampler.Sampler(gemma_transformer.Transformer(run.model_config), tok.processor,
                             params, cache_length=args.max_prompt_len + args.max_decode_len)
   texts = [tok.decode(p[1:]) for p in prompts]
   assert all(s.tokenize(t).tolist() == p for t, p in zip(texts, prompts)), 'the same prompt ids'
   def decode(rows):
-    result = s([texts[i] for i in rows], total_generation_steps=args.max_decode_len,
-               return_logits=False)
-    return [tokenizer_lib.cut_answer(t).strip() for t in result.text]
-  return _Contender(f'gemma.sampler.Sampler, batch {args.batch_size}, return_logits=False',
-                    decode)
+    answers = []
+    for start in range(0, len(rows), batch_size):
+      result = s([texts[i] for i in rows[start:start + batch_size]],
+                 total_generation_steps=args.max_decode_len, return_logits=return_logits)
+      answers += [tokenizer_lib.cut_answer(t).strip() for t in result.text]
+    return answers
+  return _Contender(f'gemma.sampler.Sampler, batch {batch_size}, '
+                    f'return_logits={return_logits}', decode)
 
 
 def main() -> None:
@@ -103,8 +113,13 @@ def main() -> None:
   ap.add_argument('--batch_size', type=int, default=64)
   ap.add_argument('--max_prompt_len', type=int, default=128)
   ap.add_argument('--max_decode_len', type=int, default=64)
+  ap.add_argument('--samplers', default='',
+                  help='comma-separated BATCH or BATCH+logits (return_logits=True, the '
+                  "Sampler's default); empty: --batch_size")
   ap.add_argument('--before', action='store_true', help='also time the Decoder as it was')
   args = ap.parse_args()
+  samplers = [(int(x.split('+')[0]), x.endswith('+logits'))
+              for x in (args.samplers or str(args.batch_size)).split(',')]
   with open(args.source, encoding='utf-8') as f:
     sources = f.read().splitlines()[:args.sentences]
   run, params = _load(args)
@@ -121,11 +136,12 @@ def main() -> None:
     contenders.append(_decoder(
         run, params, prompts, args, 'mtnt_tpu Decoder as before: batch {batch}, one prompt '
         'length {buckets}', batch_size=args.batch_size, buckets=(args.max_prompt_len,)))
-  contenders.append(_sampler(run, params, prompts, args))
-  # Batch by batch in turn, so the machine's other load falls on every contender alike.
+  contenders += [_sampler(run, params, prompts, args, b, logits) for b, logits in samplers]
+  # Chunk by chunk in turn, so the machine's other load falls on every contender alike.
   order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-  for start in range(0, len(order), args.batch_size):
-    rows = order[start:start + args.batch_size]
+  chunk = max(args.batch_size, *(b for b, _ in samplers))
+  for start in range(0, len(order), chunk):
+    rows = order[start:start + chunk]
     for c in contenders:
       t0 = time.perf_counter()
       c.answers.update(zip(rows, c.decode(rows)))
@@ -133,20 +149,20 @@ def main() -> None:
     print(f'{start + len(rows)}/{len(prompts)} sentences: ' +
           ', '.join(f'{c.seconds:.1f}s' for c in contenders), flush=True)
 
-  first, sampler = contenders[0], contenders[-1]
+  first = contenders[0]
   print('\n| decoder | seconds (compiles included) | of which compiling | sentences/s | '
-        'Sampler time / this | answers equal to the Decoder\'s |')
+        'its time / the Decoder\'s | answers equal to the Decoder\'s |')
   print('|---|---:|---:|---:|---:|---:|')
   for c in contenders:
     same = sum(c.answers[i] == first.answers[i] for i in range(len(prompts)))
     compile_s = '' if c.compile_seconds is None else f'{c.compile_seconds:.1f}'
     print(f'| {c.name} | {c.seconds:.1f} | {compile_s} | {len(prompts) / c.seconds:.2f} | '
-          f'{sampler.seconds / c.seconds:.1f}x | {same}/{len(prompts)} |')
-  for i in range(len(prompts)):
-    if first.answers[i] != sampler.answers[i]:
-      print(f'differs, line {i + 1}:\n  Decoder: {first.answers[i]!r}\n'
-            f'  Sampler: {sampler.answers[i]!r}')
-
+          f'{c.seconds / first.seconds:.1f}x | {same}/{len(prompts)} |')
+  for c in contenders[1:]:
+    for i in range(len(prompts)):
+      if first.answers[i] != c.answers[i]:
+        print(f'differs, line {i + 1}:\n  Decoder: {first.answers[i]!r}\n'
+              f'  {c.name}: {c.answers[i]!r}')
 
 if __name__ == '__main__':
   main()

@@ -8,7 +8,8 @@ Rows (each measured here, in this run):
            and its Hugging Face export, each in a fresh process
   same     the GGUF's weights, exported to HF (float32) and loaded back: logits
            identical, bit for bit
-  ppl      perplexity of the first --ppl_lines lines of val.en
+  ppl      perplexity of the first --ppl_lines lines of val.en, each line alone
+           and as one running text
   greedy   greedy continuations of a few prompts (mtnt_tpu.decode.Decoder)
   bleu     zero-shot and 3-shot en->fr BLEU/chrF on the first --bleu_lines
            val lines, through the same decoder (3-shot: three train pairs in
@@ -232,6 +233,24 @@ def _real_model(args, tmp: str, out: dict, save) -> None:
     count += int(jnp.sum(mask))
   out['perplexity'] = {'lines': args.ppl_lines, 'tokens': count,
                        'value': float(np.exp(nll / count))}
+  # The same lines as one running text (joined by newlines), the way LM
+  # perplexity is usually quoted: a caption alone after BOS starts with no
+  # context at all. Windows of 512 overlap by half, so every token after the
+  # first window is scored once with at least 256 tokens before it.
+  doc = [tokenizer_lib.BOS] + tok.encode('\n'.join(val_en[:args.ppl_lines]))
+  window, stride = 512, 256
+  nll, count = 0.0, 0
+  for start in range(0, max(1, len(doc) - window + stride), stride):
+    x, pos, seg = _pack([doc[start:start + window]], window)
+    logp = jax.nn.log_softmax(forward(params, x, pos, seg).astype(jnp.float32), axis=-1)
+    got = jnp.take_along_axis(logp[:, :-1], x[:, 1:, None], axis=-1)[..., 0]
+    first_new = 0 if start == 0 else window - stride - 1  # index into the shifted targets
+    mask = (seg[:, 1:] != 0) & (jnp.arange(window - 1) >= first_new)
+    nll -= float(jnp.sum(got * mask))
+    count += int(jnp.sum(mask))
+  assert count == len(doc) - 1, (count, len(doc))  # every token once
+  out['perplexity_running_text'] = {'lines': args.ppl_lines, 'tokens': count, 'window': window,
+                                    'value': float(np.exp(nll / count))}
   save()
 
   decoder = decode_lib.Decoder(run, tok, batch_size=16, max_prompt_len=192, max_decode_len=40)
@@ -325,6 +344,11 @@ def _render(r: dict, path: str) -> None:
     p = r['perplexity']
     lines += ['', f'Perplexity on the first {p["lines"]} lines of Multi30k val.en (each line '
               f'alone after BOS, {p["tokens"]} tokens): **{p["value"]:.1f}**.']
+  if 'perplexity_running_text' in r:
+    p = r['perplexity_running_text']
+    lines[-1] += (f' The same lines as one running text, joined by newlines ({p["tokens"]} '
+                  f'tokens, {p["window"]}-token windows overlapping by half, so each token '
+                  f'after the first window has 256 or more before it): **{p["value"]:.1f}**.')
   if 'greedy' in r:
     lines += ['', 'Greedy continuations (`mtnt_tpu.decode.Decoder`, 40 new tokens, stopping '
               'at a newline):', '', '| prompt | continuation |', '|---|---|']

@@ -125,15 +125,27 @@ class Decoder:
     if replicate_params is None:
       replicate_params = _copy_fits(run.abstract_params, compute_dtype, mesh)
     self.replicate_params = replicate_params
-    self._param_shardings = (jax.tree.map(lambda _: replicated, run.params_shardings)
-                             if replicate_params else run.params_shardings)
-    # The one reshard per call: cast, then (when replicating) gather.
+    # Gemma 3 (and Gemma 2 9B/27B) keep the MLP's gating weights as [2, F, D]
+    # (transpose_gating_einsum), contracted over their minor axis: XLA on CPU
+    # then copies each layer's into [D, 2F] at every token, inside the loop
+    # (18 copies of 10 MB a token on Gemma 3 270M). The token loop reads them
+    # as [2, D, F], the Gemma 1 layout, transposed once per call.
+    model_config = run.model_config
+    if model_config.transpose_gating_einsum:
+      model_config = dataclasses.replace(model_config, transpose_gating_einsum=False)
+      to_loop_layout = _swap_gating
+    else:
+      to_loop_layout = lambda tree: tree
+    self._param_shardings = to_loop_layout(
+        jax.tree.map(lambda _: replicated, run.params_shardings) if replicate_params
+        else run.params_shardings)
+    # The one reshard per call: cast, lay out for the loop, then (when replicating) gather.
     self._prepare = jax.jit(
-        lambda p: jax.tree.map(lambda x: x.astype(compute_dtype), p),
+        lambda p: to_loop_layout(jax.tree.map(lambda x: x.astype(compute_dtype), p)),
         in_shardings=(run.params_shardings,), out_shardings=self._param_shardings)
     self._abstract_params = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, compute_dtype, sharding=s),
-        run.abstract_params, self._param_shardings)
+        to_loop_layout(run.abstract_params), self._param_shardings)
 
     def cache_constraint(cache):
       # Rows over the batch axes like the batch; the shared write index everywhere.
@@ -141,7 +153,7 @@ class Decoder:
                   v, replicated if k == 'end_index' else rows) for k, v in layer.items()}
               for name, layer in cache.items()}
 
-    common = dict(model=model_lib.make_model(run.model_config),
+    common = dict(model=model_lib.make_model(model_config),
                   cache_constraint=cache_constraint, compute_dtype=compute_dtype,
                   stop_ids=self.stop_ids, max_decode_len=max_decode_len)
     if beam_size > 1:
@@ -300,6 +312,22 @@ class Decoder:
   def detokenize(self, ids: Sequence[int]) -> str:
     """Generated ids -> the answer text, cut at its first stop string."""
     return tokenizer_lib.cut_answer(self.tokenizer.decode(ids), self.chat_template).strip()
+
+
+def _swap_gating(tree):
+  """Each layer's mlp/gating_einsum [2, F, D] <-> [2, D, F]: arrays, shapes or shardings."""
+  def swap(x):
+    if isinstance(x, NamedSharding):
+      spec = tuple(x.spec) + (None,) * (3 - len(x.spec))
+      return NamedSharding(x.mesh, PartitionSpec(spec[0], spec[2], spec[1]))
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct((x.shape[0], x.shape[2], x.shape[1]), x.dtype,
+                                  sharding=x.sharding and swap(x.sharding))
+    return jnp.swapaxes(x, 1, 2)
+  return {name: ({**layer, 'mlp': {**layer['mlp'], 'gating_einsum':
+                                      swap(layer['mlp']['gating_einsum'])}}
+                 if isinstance(layer, dict) and 'mlp' in layer else layer)
+          for name, layer in tree.items()}
 
 
 def _copy_fits(abstract_params, dtype, mesh) -> bool:

@@ -15,6 +15,7 @@ from mtnt_tpu import evaluate
 from mtnt_tpu import metrics
 from mtnt_tpu import model as model_lib
 from mtnt_tpu import sampling as sampling_lib
+from mtnt_tpu import state as state_lib
 from mtnt_tpu import tokenizer as tokenizer_lib
 from mtnt_tpu import train
 from mtnt_tpu import workdir as workdir_lib
@@ -51,9 +52,10 @@ def prompts(trained, decoder):
   return out
 
 
-def _greedy_without_cache(tr, prompts, stop_ids):
+def _greedy_without_cache(tr, prompts, stop_ids, model_config=None, params=None):
   """Reference: full forward pass over the unpadded sequence at every step, no cache."""
-  model = model_lib.make_model(tr.setup.model_config)
+  model = model_lib.make_model(model_config or tr.setup.model_config)
+  params = tr.params if params is None else params
   L = P + T
   forward = jax.jit(lambda p, x, s: model_lib.forward(model, p, x, jnp.arange(L)[None] + 0 * x, s))
   tokens = np.zeros((len(prompts), L), np.int32)
@@ -64,7 +66,7 @@ def _greedy_without_cache(tr, prompts, stop_ids):
   finished = np.zeros(len(prompts), bool)
   for _ in range(T):
     segments = (np.arange(L)[None] < lengths[:, None]).astype(np.int32)
-    logits = np.asarray(forward(tr.params, tokens, segments))
+    logits = np.asarray(forward(params, tokens, segments))
     for r in np.nonzero(~finished)[0]:
       nxt = int(np.argmax(logits[r, lengths[r] - 1]))
       out[r].append(nxt)
@@ -74,6 +76,25 @@ def _greedy_without_cache(tr, prompts, stop_ids):
     if finished.all():
       break
   return out
+
+
+@pytest.mark.parametrize('replicate', [True, False])
+@pytest.mark.parametrize('variant', ['tiny_gemma2', 'tiny_gemma3'])
+def test_gemma2_and_3_decode_as_a_full_forward_pass(trained, prompts, variant, replicate):
+  """Gemma 2 and 3 (sliding windows, soft-caps, qk-norm; Gemma 3's gating weights
+  read by the token loop in the Gemma 1 layout), replicated or on the 2 x 4 mesh."""
+  _, tr = trained
+  c = tr.setup.config.copy_and_resolve_references()
+  c.model.variant = variant
+  setup = state_lib.setup(c, tr.setup.mesh, tr.setup.tokenizer)
+  # Gemma 3 (and 2 9B/27B) store the gating weights transposed; Gemma 2 2B does not.
+  assert setup.model_config.transpose_gating_einsum == (variant == 'tiny_gemma3')
+  params = jax.device_put(model_lib.init_params(setup.model, jax.random.key(3)),
+                          setup.params_shardings)
+  d = decode.Decoder(setup, setup.tokenizer, batch_size=8, max_prompt_len=P,
+                     max_decode_len=T, replicate_params=replicate)
+  want = _greedy_without_cache(tr, prompts, d.stop_ids, setup.model_config, params)
+  assert d.generate(params, prompts) == want
 
 
 def test_batched_decoding_equals_decoding_each_alone(trained, decoder, prompts):

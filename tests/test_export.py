@@ -94,7 +94,10 @@ def test_export_hf_loads_back_as_the_trained_weights(exported, tmp_path):
   path = export.export(str(wd), str(out), fmt=formats.HF, dtype='float32')
   assert sorted(p.name for p in out.iterdir()) == [
       'config.json', 'generation_config.json', 'model.safetensors', 'mtnt_export.json',
-      'tokenizer.model']
+      'tokenizer.model', 'tokenizer_config.json']
+  # transformers' AutoTokenizer: the class, and Gemma's BOS added to every text.
+  tok_config = json.loads((out / 'tokenizer_config.json').read_text())
+  assert (tok_config['tokenizer_class'], tok_config['add_bos_token']) == ('GemmaTokenizer', True)
   trained = workdir_lib.restore(str(wd), workdir_lib.load_config(str(wd)))
   loaded = formats.load(path, trained.setup.abstract_params, 'tiny')
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),

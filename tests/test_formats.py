@@ -322,6 +322,9 @@ def test_hf_config_has_the_keys_transformers_reads(variant):
   assert c['head_dim'] * c['num_attention_heads'] == cfg.num_heads * cfg.head_dim
   if gen >= 2:
     assert c['query_pre_attn_scalar'] ** -0.5 == pytest.approx(cfg.query_pre_attn_scalar())
+    # transformers 5's config dataclass rejects 256.0 ("expected int"): found by
+    # benchmarks/transformers_check.py loading an export.
+    assert isinstance(c['query_pre_attn_scalar'], int)
     assert len(c['layer_types']) == cfg.num_layers
   if variant == 'gemma3_270m':  # the published google/gemma-3-270m config.json's values
     assert (c['hidden_size'], c['intermediate_size'], c['num_hidden_layers'],

@@ -112,6 +112,8 @@ def save(fmt: str, params: Any, cfg: model_lib.TransformerConfig, out: str, *, t
   else:
     raise ValueError(f'cannot write format {fmt!r}; use one of {KAGGLE}, {HF}, {PEFT}')
   shutil.copyfile(tokenizer, os.path.join(partial, hf.TOKENIZER))
+  if fmt == HF:
+    hf.write_json(os.path.join(partial, hf.TOKENIZER_CONFIG), hf.tokenizer_config_json())
   if manifest:
     with open(os.path.join(partial, manifest[0]), 'w', encoding='utf-8') as f:
       json.dump(manifest[1], f, indent=2)

@@ -36,6 +36,7 @@ SINGLE = 'model.safetensors'
 INDEX = 'model.safetensors.index.json'
 GENERATION_CONFIG = 'generation_config.json'
 TOKENIZER = 'tokenizer.model'
+TOKENIZER_CONFIG = 'tokenizer_config.json'
 # model_type and architecture per generation, as transformers names them.
 MODEL_TYPES = {1: ('gemma', 'GemmaForCausalLM'), 2: ('gemma2', 'Gemma2ForCausalLM'),
                3: ('gemma3_text', 'Gemma3ForCausalLM')}
@@ -156,8 +157,9 @@ def config_json(cfg: model_lib.TransformerConfig, dtype: str) -> dict:
   }
   if gen >= 2:
     # transformers scales queries by query_pre_attn_scalar ** -0.5; gemma
-    # multiplies them by cfg.query_pre_attn_scalar().
-    c['query_pre_attn_scalar'] = round(cfg.query_pre_attn_scalar() ** -2, 6)
+    # multiplies them by cfg.query_pre_attn_scalar(). An int, as in Google's
+    # configs: transformers 5 rejects 256.0.
+    c['query_pre_attn_scalar'] = round(cfg.query_pre_attn_scalar() ** -2)
     c['sliding_window'] = cfg.sliding_window_size
     c['final_logit_softcapping'] = cfg.final_logit_softcap
     c['attn_logit_softcapping'] = cfg.attn_logits_soft_cap
@@ -173,6 +175,14 @@ def config_json(cfg: model_lib.TransformerConfig, dtype: str) -> dict:
 def generation_config_json() -> dict:
   return {'bos_token_id': 2, 'eos_token_id': [1, 106], 'pad_token_id': 0,
           'do_sample': False, 'cache_implementation': 'hybrid'}
+
+
+def tokenizer_config_json() -> dict:
+  """What AutoTokenizer needs beside tokenizer.model: without it transformers
+  guesses the class from config.json and adds no BOS, which Gemma needs."""
+  return {'tokenizer_class': 'GemmaTokenizer', 'add_bos_token': True, 'add_eos_token': False,
+          'bos_token': '<bos>', 'eos_token': '<eos>', 'pad_token': '<pad>',
+          'unk_token': '<unk>', 'padding_side': 'left'}
 
 
 def tensors(params: Any, cfg: model_lib.TransformerConfig, dtype: str
@@ -211,13 +221,13 @@ def save(params: Any, cfg: model_lib.TransformerConfig, out: str, dtype: str = '
                                   metadata={'format': 'pt'})
   if len(files) > 1:
     total = sum(math.prod(shape) * itemsize for _, _, shape in shapes)
-    _write_json(os.path.join(out, INDEX),
+    write_json(os.path.join(out, INDEX),
                 {'metadata': {'total_size': total}, 'weight_map': file_of})
-  _write_json(os.path.join(out, CONFIG), config_json(cfg, dtype))
-  _write_json(os.path.join(out, GENERATION_CONFIG), generation_config_json())
+  write_json(os.path.join(out, CONFIG), config_json(cfg, dtype))
+  write_json(os.path.join(out, GENERATION_CONFIG), generation_config_json())
 
 
-def _write_json(path: str, value: dict) -> None:
+def write_json(path: str, value: dict) -> None:
   with open(path, 'w', encoding='utf-8') as f:
     json.dump(value, f, indent=2)
     f.write('\n')
