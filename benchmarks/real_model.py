@@ -224,7 +224,8 @@ def _real_model(args, tmp: str, out: dict, save) -> None:
   # Perplexity: every token after BOS of each line, one line per row.
   nll, count = 0.0, 0
   for start in range(0, args.ppl_lines, 16):
-    rows = [[tokenizer_lib.BOS] + tok.encode(l) for l in val_en[start:start + 16]]
+    rows = [[tokenizer_lib.BOS] + tok.encode(l)
+            for l in val_en[start:min(start + 16, args.ppl_lines)]]
     x, pos, seg = _pack(rows, 64)
     logp = jax.nn.log_softmax(forward(params, x, pos, seg).astype(jnp.float32), axis=-1)
     got = jnp.take_along_axis(logp[:, :-1], x[:, 1:, None], axis=-1)[..., 0]
