@@ -2,7 +2,7 @@
 
     uv run python benchmarks/decode_speed.py --checkpoint DIR --tokenizer FILE \
         --source /work/shared/data/multi30k/val.en [--sentences 200] [--batch_size 64] \
-        [--samplers 64,16+logits] [--before]
+        [--samplers 64,8+logits] [--before]
 
 Loads a Kaggle-layout Gemma checkpoint (--variant) on this host's devices,
 takes the first --sentences lines of --source, and decodes them greedily (the

@@ -222,7 +222,7 @@ def save(params: Any, cfg: model_lib.TransformerConfig, out: str, dtype: str = '
   if len(files) > 1:
     total = sum(math.prod(shape) * itemsize for _, _, shape in shapes)
     write_json(os.path.join(out, INDEX),
-                {'metadata': {'total_size': total}, 'weight_map': file_of})
+               {'metadata': {'total_size': total}, 'weight_map': file_of})
   write_json(os.path.join(out, CONFIG), config_json(cfg, dtype))
   write_json(os.path.join(out, GENERATION_CONFIG), generation_config_json())
 
