@@ -86,6 +86,17 @@ def _torch_tiny_child(args) -> None:
   np.savez(args.out, **out)
 
 
+def _run_torch_child(args, mode: str, **paths: str) -> str:
+  """This file's MODE half under --torch_python; its stdout."""
+  cmd = [args.torch_python, os.path.abspath(__file__), mode]
+  for k, v in paths.items():
+    cmd += [f'--{k}', v]
+  r = subprocess.run(cmd, capture_output=True, text=True)
+  if r.returncode:
+    raise SystemExit(f'the transformers side failed:\n{r.stderr[-3000:]}')
+  return r.stdout
+
+
 def _tiny_generations(args, tmp: str) -> list[tuple[str, float, float]]:
   """(variant, largest |logit difference|, logit scale) per generation's tiny model."""
   import jax
@@ -111,12 +122,8 @@ def _tiny_generations(args, tmp: str) -> list[tuple[str, float, float]]:
     pos_BL = jnp.broadcast_to(jnp.arange(L), ids_BL.shape)
     ours[variant] = np.asarray(model_lib.forward(model, params, jnp.asarray(ids_BL), pos_BL,
                                                  jnp.ones_like(pos_BL)), np.float32)
-  r = subprocess.run([args.torch_python, os.path.abspath(__file__), '--tiny_child', '--gguf',
-                      '-', '--torch_python', '-', '--hf_dir', ','.join(dirs), '--ids',
-                      os.path.join(tmp, 'tiny_ids.npz'), '--out',
-                      os.path.join(tmp, 'tiny_theirs.npz')], capture_output=True, text=True)
-  if r.returncode:
-    raise SystemExit(f'the transformers side failed:\n{r.stderr[-3000:]}')
+  _run_torch_child(args, '--tiny_child', hf_dir=','.join(dirs),
+                   ids=os.path.join(tmp, 'tiny_ids.npz'), out=os.path.join(tmp, 'tiny_theirs.npz'))
   theirs = np.load(os.path.join(tmp, 'tiny_theirs.npz'))
   return [(v, float(np.abs(ours[v] - theirs[v]).max()), float(np.abs(ours[v]).max()))
           for v in ours]
@@ -124,8 +131,8 @@ def _tiny_generations(args, tmp: str) -> list[tuple[str, float, float]]:
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--gguf', required=True)
-  p.add_argument('--torch_python', required=True, help='a Python with torch and transformers')
+  p.add_argument('--gguf', help='the Gemma 3 270M GGUF (required)')
+  p.add_argument('--torch_python', help='a Python with torch and transformers (required)')
   p.add_argument('--val', default=os.path.join(os.path.dirname(ROOT), 'shared', 'data',
                                                'multi30k'))
   p.add_argument('--lines', type=int, default=200)
@@ -141,6 +148,8 @@ def main() -> None:
     return _torch_child(args)
   if args.tiny_child:
     return _torch_tiny_child(args)
+  if not args.gguf or not args.torch_python:
+    p.error('give --gguf FILE and --torch_python PYTHON (see this file\'s docstring)')
 
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
   sys.path.insert(0, ROOT)
@@ -193,15 +202,11 @@ def main() -> None:
     np.savez(os.path.join(tmp, 'ids.npz'), ids=ids_BL, lengths=len_B)
     with open(os.path.join(tmp, 'texts.json'), 'w', encoding='utf-8') as f:
       json.dump(lines, f)
-    r = subprocess.run([args.torch_python, os.path.abspath(__file__), '--child', '--gguf', '-',
-                        '--torch_python', '-', '--hf_dir', hf_dir, '--ids',
-                        os.path.join(tmp, 'ids.npz'), '--texts', os.path.join(tmp, 'texts.json'),
-                        '--keep_logits', str(args.keep_logits),
-                        '--out', os.path.join(tmp, 'theirs.npz')],
-                       capture_output=True, text=True)
-    if r.returncode:
-      raise SystemExit(f'the transformers side failed:\n{r.stderr[-3000:]}')
-    versions = json.loads(r.stdout.strip().splitlines()[-1])
+    stdout = _run_torch_child(args, '--child', hf_dir=hf_dir, ids=os.path.join(tmp, 'ids.npz'),
+                              texts=os.path.join(tmp, 'texts.json'),
+                              keep_logits=str(args.keep_logits),
+                              out=os.path.join(tmp, 'theirs.npz'))
+    versions = json.loads(stdout.strip().splitlines()[-1])
     theirs = np.load(os.path.join(tmp, 'theirs.npz'))
     diff, argmax_same, positions = 0.0, 0, 0
     for b in range(min(args.keep_logits, len(rows))):
