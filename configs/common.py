@@ -1,6 +1,10 @@
 """Shared defaults for every experiment; an experiment file changes only what differs."""
 
+import dataclasses
+
 import ml_collections
+
+from mtnt_tpu.data import noise
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -51,6 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Fraction of training sources given MTNT-style noise (typos, casing, emoji,
   # slang...: mtnt_tpu/data/noise.py), drawn anew each epoch; 0 = clean.
   c.data.noise = 0.0
+  # The rate of each kind of noise in a noised source (defaults: noise.Noise).
+  c.data.noise_rates = ml_collections.ConfigDict(dataclasses.asdict(noise.Noise()))
   # The split is read as this many shards, each packed into its own rows of
   # every batch; 0 = one per process. Fix it (to a multiple of every host
   # count you use) to get the same batches on any number of hosts.

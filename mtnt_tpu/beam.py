@@ -18,7 +18,6 @@ longer translations).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable
 
 import jax
@@ -50,9 +49,8 @@ def search(params, prompt_BP: jax.Array, length_B: jax.Array, rng: jax.Array, *,
                                     cache_constraint=cache_constraint)
   # Each prompt's cache rows, copied to its K beams: rows R = B x K, b-major.
   rows = lambda x: jnp.repeat(x, K, axis=0)
-  prompts = dataclasses.replace(prompts, length_B=rows(prompts.length_B),
-                                real_BC=rows(prompts.real_BC))
-  cache = cache_constraint(jax.tree.map(rows, cache))
+  prompts, cache = prompts.take(rows(jnp.arange(B)), cache)
+  cache = cache_constraint(cache)
   stop_S = jnp.asarray(stop_ids, jnp.int32)
   # One live beam per real prompt at first (the K copies are the same hypothesis).
   first_K = jnp.where(jnp.arange(K) == 0, 0.0, -jnp.inf)

@@ -21,6 +21,7 @@ from mtnt_tpu import optim
 from mtnt_tpu import runtime
 from mtnt_tpu import sharding
 from mtnt_tpu import tokenizer as tokenizer_lib
+from mtnt_tpu.data import noise
 from mtnt_tpu.data import pipeline
 
 
@@ -67,6 +68,7 @@ def check_config(c: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   if not 0 <= c.data.noise <= 1:
     raise ValueError(f'config.data.noise={c.data.noise}: a fraction of training examples, '
                      'from 0 (clean) to 1')
+  noise.from_rates(c.data.noise_rates)
   if c.model.loss_chunk < 0:
     raise ValueError(f'config.model.loss_chunk={c.model.loss_chunk}: use tokens per chunk '
                      '(> 0), or 0 for whole logits')

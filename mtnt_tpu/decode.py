@@ -6,8 +6,13 @@ The token loops live beside it: `sampling` (greedy or sampled) and `beam`
 Speed. Each batch is padded to the smallest of a few bucket lengths
 (`prompt_buckets`: 16, 32, 64, ... up to max_prompt_len) that holds its
 longest prompt, and prompts are batched shortest first, so a batch of short
-sentences neither prefills nor attends over padding. One program is compiled
-per bucket used, lazily, and kept. The weights are cast to the compute dtype
+sentences neither prefills nor attends over padding. A batch of fewer
+prompts than batch_size (the last one) runs in the smallest of batch_size,
+batch_size / 2, ... (`row_counts`) that holds them, not among filler rows.
+Inside a batch, once a quarter of the rows are still going (`compact`) they
+move to a batch a quarter the size: answers differ in length, and every step
+of the longest one would otherwise cost the whole batch. One program is
+compiled per (prompt bucket, row count) used, lazily, and kept. The weights are cast to the compute dtype
 and, when a copy fits (`replicate_params`), gathered onto every device once
 per `generate`/`translate_batches` call by a separate jitted reshard: the
 token loop then holds them whole and runs no all-gather (the training
@@ -81,6 +86,8 @@ class Decoder:
       (None: when a copy takes at most REPLICATE_MEMORY_FRACTION of a device's
       memory; always on CPUs). False keeps the training shardings.
     buckets: the compiled prompt lengths (default `prompt_buckets`).
+    compact: once 1/compact of a batch's rows are still going, they finish in a
+      batch 1/compact the size (greedy and sampled decoding; 1: never).
   """
 
   def __init__(self, run, tokenizer: tokenizer_lib.Tokenizer, *, batch_size: int,
@@ -89,7 +96,7 @@ class Decoder:
                sampling: sampling_lib.Sampling = sampling_lib.Sampling(),
                beam_size: int = 1, length_penalty: float = 0.6,
                replicate_params: bool | None = None,
-               buckets: Sequence[int] | None = None):
+               buckets: Sequence[int] | None = None, compact: int = 4):
     if max_prompt_len < 2 or max_decode_len < 1:
       raise ValueError(f'max_prompt_len={max_prompt_len} must be >= 2 and '
                        f'max_decode_len={max_decode_len} >= 1')
@@ -102,8 +109,12 @@ class Decoder:
                        'beam search is deterministic; set temperature=0 or beam_size=1')
     if length_penalty < 0:
       raise ValueError(f'length_penalty={length_penalty}: use alpha >= 0 (0: none)')
+    if compact < 1:
+      raise ValueError(f'compact={compact}: use 1 (never) or a factor such as 4')
     divisor = sharding_lib.batch_divisor(run.mesh)
     self.batch_size = -(-batch_size // divisor) * divisor
+    self.row_counts = _row_counts(self.batch_size, divisor)
+    self.compact, self._divisor = compact, divisor
     self.max_prompt_len, self.max_decode_len = max_prompt_len, max_decode_len
     self.buckets = tuple(sorted(buckets)) if buckets else prompt_buckets(max_prompt_len)
     if self.buckets[-1] != max_prompt_len or self.buckets[0] < 1:
@@ -161,7 +172,7 @@ class Decoder:
                                    length_penalty=length_penalty, mesh=mesh, **common)
     else:
       self._fn = functools.partial(sampling_lib.generate, sampling=sampling, **common)
-    self._compiled: dict[int, Any] = {}
+    self._compiled: dict[tuple[int, int], Any] = {}
 
   # --- compiled programs -----------------------------------------------------
 
@@ -169,17 +180,32 @@ class Decoder:
     """The compiled prompt length a batch whose longest prompt has this many tokens uses."""
     return next(b for b in self.buckets if b >= longest_prompt)
 
-  def executable(self, P: int):
-    """The program for prompt length P (a bucket), compiled on first use and kept."""
-    if P not in self._compiled:
+  def rows_for(self, prompts: int) -> int:
+    """The compiled row count a batch of this many prompts runs in."""
+    return next(b for b in self.row_counts if b >= prompts)
+
+  def compact_to(self, B: int) -> int:
+    """The rows a batch of B moves to when that few are still going (0: never)."""
+    if self.beam_size > 1 or self.compact == 1:
+      return 0
+    small = B // self.compact
+    return small if small >= 1 and small % self._divisor == 0 else 0
+
+  def executable(self, P: int, B: int | None = None):
+    """The program for prompt length P (a bucket) and B rows (default batch_size),
+    compiled on first use and kept."""
+    B = B or self.batch_size
+    if (P, B) not in self._compiled:
       t0 = time.perf_counter()
-      B, rep = self.batch_size, self._replicated
+      rep = self._replicated
       rng = jax.random.key_data(jax.random.key(0))
       n_out = 3 if self.beam_size > 1 else 2
-      jitted = jax.jit(self._fn, in_shardings=(self._param_shardings, self._prompt_sharding,
-                                               self._length_sharding, rep),
+      fn = self._fn if self.beam_size > 1 else functools.partial(
+          self._fn, compact_to=self.compact_to(B))
+      jitted = jax.jit(fn, in_shardings=(self._param_shardings, self._prompt_sharding,
+                                         self._length_sharding, rep),
                        out_shardings=(rep,) * n_out)
-      self._compiled[P] = jitted.lower(
+      self._compiled[P, B] = jitted.lower(
           self._abstract_params,
           jax.ShapeDtypeStruct((B, P), jnp.int32, sharding=self._prompt_sharding),
           jax.ShapeDtypeStruct((B,), jnp.int32, sharding=self._length_sharding),
@@ -188,12 +214,13 @@ class Decoder:
       logging.info('compiled the decoder for prompts of %d tokens (batch %d, beam %d, '
                    'new tokens %d) in %.1fs', P, B, self.beam_size, self.max_decode_len,
                    time.perf_counter() - t0)
-    return self._compiled[P]
+    return self._compiled[P, B]
 
   def compile_for(self, prompts: Sequence[Sequence[int]]) -> None:
     """Compiles, now, every bucket `generate(params, prompts)` will use."""
     for batch in self.batch_order(prompts):
-      self.executable(self.bucket(max(len(prompts[i]) for i in batch)))
+      self.executable(self.bucket(max(len(prompts[i]) for i in batch)),
+                      self.rows_for(len(batch)))
 
   def prepare(self, params):
     """The weights as the token loop reads them (compute dtype; replicated if it fits)."""
@@ -252,7 +279,7 @@ class Decoder:
     prompt_BP, length_B = self.layout(prompts)
     rng = jax.random.key_data(jax.random.fold_in(jax.random.key(self.sampling.seed),
                                                  batch_index))
-    outputs = self.executable(prompt_BP.shape[1])(
+    outputs = self.executable(*prompt_BP.shape[::-1])(
         prepared, _global(prompt_BP, self._prompt_sharding),
         _global(length_B, self._length_sharding), _global(np.asarray(rng), self._replicated))
     # Replicated: every process holds the whole array on each of its devices.
@@ -268,10 +295,11 @@ class Decoder:
     return Batch(tokens, scores, steps)
 
   def layout(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Prompts left-padded to their bucket [B, P] (filler rows empty), and lengths [B]."""
-    B = self.batch_size
-    if not 0 < len(prompts) <= B:
-      raise ValueError(f'{len(prompts)} prompts for a batch of {B}')
+    """Prompts left-padded to their bucket [B, P] (filler rows empty) in the
+    smallest row count that holds them, and lengths [B]."""
+    if not 0 < len(prompts) <= self.batch_size:
+      raise ValueError(f'{len(prompts)} prompts for a batch of {self.batch_size}')
+    B = self.rows_for(len(prompts))
     longest = max(len(ids) for ids in prompts)
     if longest > self.max_prompt_len:
       raise ValueError(f'a prompt of {longest} tokens exceeds max_prompt_len='
@@ -287,23 +315,28 @@ class Decoder:
 
   # --- text ------------------------------------------------------------------
 
-  def translate_batches(self, params, sources: Sequence[str], first_line: int = 1
-                        ) -> Iterator[list[str]]:
-    """Translations of `sources`, one compiled batch at a time, in input order.
+  def translate_batches(self, params, sources: Sequence[str], first_line: int = 1,
+                        window: int = 8) -> Iterator[list[str]]:
+    """Translations of `sources` in input order, `window` batches' worth at a time.
 
+    Within each window prompts are batched shortest first (`batch_order`), so
+    a batch's rows end at similar steps; a window's lines come out together.
     An empty (or blank) source gives an empty translation without decoding.
     """
-    prepared = None
-    for start in range(0, len(sources), self.batch_size):
-      chunk = sources[start:start + self.batch_size]
+    prepared, batch_index = None, 0
+    size = self.batch_size * window
+    for start in range(0, len(sources), size):
+      chunk = sources[start:start + size]
       todo = [i for i, s in enumerate(chunk) if s.strip()]
       prompts = [self._encode_prompt(chunk[i], first_line + start + i) for i in todo]
       out = [''] * len(chunk)
       if prompts:
         prepared = self.prepare(params) if prepared is None else prepared
-        result = self.run_batch(prepared, prompts, start // self.batch_size)
-        for i, ids in zip(todo, result.tokens):
-          out[i] = self.detokenize(ids)
+        for rows in self.batch_order(prompts):
+          result = self.run_batch(prepared, [prompts[r] for r in rows], batch_index)
+          batch_index += 1
+          for r, ids in zip(rows, result.tokens):
+            out[todo[r]] = self.detokenize(ids)
       yield out
 
   def translate(self, params, sources: Sequence[str]) -> list[str]:
@@ -312,6 +345,14 @@ class Decoder:
   def detokenize(self, ids: Sequence[int]) -> str:
     """Generated ids -> the answer text, cut at its first stop string."""
     return tokenizer_lib.cut_answer(self.tokenizer.decode(ids), self.chat_template).strip()
+
+
+def _row_counts(batch_size: int, divisor: int) -> tuple[int, ...]:
+  """batch_size and its halves down to 8 rows that split over the batch axes, ascending."""
+  out = [batch_size]
+  while out[-1] % 2 == 0 and out[-1] // 2 >= 8 and (out[-1] // 2) % divisor == 0:
+    out.append(out[-1] // 2)
+  return tuple(reversed(out))
 
 
 def _swap_gating(tree):

@@ -43,6 +43,12 @@ class Prompts:
                                          positions_B1, cache, mask_B1C)
     return logits_B1V[:, 0], cache
 
+  def take(self, row_R: jax.Array, cache) -> tuple[Prompts, Any]:
+    """Rows `row_R` of these prompts and of their cache (which may repeat rows)."""
+    take = lambda x: jnp.take(x, row_R, axis=0)
+    prompts = dataclasses.replace(self, length_B=take(self.length_B), real_BC=take(self.real_BC))
+    return prompts, jax.tree.map(take, cache)
+
 
 def prefill(params, prompt_BP, length_B, *, model, C: int, compute_dtype,
             cache_constraint: Callable) -> tuple[Prompts, Any]:

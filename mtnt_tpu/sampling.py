@@ -34,8 +34,10 @@ class Sampling:
     return self.temperature == 0
 
 
-def choose_tokens(logits_BV: jax.Array, rng: jax.Array, sampling: Sampling) -> jax.Array:
-  """The next token of each row [B] from its logits [B, V]."""
+def choose_tokens(logits_BV: jax.Array, rng: jax.Array, sampling: Sampling,
+                  row_B: jax.Array | None = None) -> jax.Array:
+  """The next token of each row [B] from its logits [B, V]; row_B: each row's
+  own sampling key is rng folded with it (default: its index)."""
   if sampling.greedy:
     return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
   logits_BV = logits_BV.astype(jnp.float32) / sampling.temperature
@@ -50,14 +52,24 @@ def choose_tokens(logits_BV: jax.Array, rng: jax.Array, sampling: Sampling) -> j
     kept_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV < sampling.top_p
     floor_B1 = jnp.min(jnp.where(kept_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
     logits_BV = jnp.where(logits_BV < floor_B1, -jnp.inf, logits_BV)
-  return jax.random.categorical(rng, logits_BV, axis=-1).astype(jnp.int32)
+  if row_B is None:
+    row_B = jnp.arange(logits_BV.shape[0])
+  keys_B = jax.vmap(lambda row: jax.random.fold_in(rng, row))(row_B)
+  return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
 
 
 def generate(params, prompt_BP: jax.Array, length_B: jax.Array, rng: jax.Array, *,
              model, cache_constraint: Callable, compute_dtype, stop_ids: tuple[int, ...],
-             max_decode_len: int, sampling: Sampling) -> tuple[jax.Array, jax.Array]:
+             max_decode_len: int, sampling: Sampling, compact_to: int = 0
+             ) -> tuple[jax.Array, jax.Array]:
   """New tokens [B, T] for left-padded prompts (PAD after each row's stop token),
-  and the number of steps run []."""
+  and the number of steps run [].
+
+  compact_to: with 0 < compact_to < B, once at most that many rows are still
+  going they move (with their cache rows) into a batch of compact_to rows and
+  the rest are dropped, so the remaining steps cost that batch, not B. Each row
+  computes the same either way; a row's sampling key is its index in the batch.
+  """
   B, P = prompt_BP.shape
   T = max_decode_len
   prompts, cache = kv_cache.prefill(params, prompt_BP, length_B, model=model, C=P - 1 + T,
@@ -65,21 +77,37 @@ def generate(params, prompt_BP: jax.Array, length_B: jax.Array, rng: jax.Array, 
                                     cache_constraint=cache_constraint)
   stop_S = jnp.asarray(stop_ids, jnp.int32)
   tokens_BT = jnp.full((B, T), tokenizer_lib.PAD, jnp.int32)
-  done_B = length_B == 0  # filler rows
-  state = (jnp.int32(0), prompt_BP[:, -1], tokens_BT, done_B, cache)
 
-  def cond(state):
-    t, _, _, done_B, _ = state
-    return (t < T) & ~jnp.all(done_B)
+  def run(state, prompts, row_R, going_at_most: int):
+    """Steps until at most `going_at_most` rows are still going (or T steps)."""
 
-  def body(state):
-    t, last_B, tokens_BT, done_B, cache = state
-    logits_BV, cache = prompts.step(last_B, t, cache)
-    next_B = choose_tokens(logits_BV, jax.random.fold_in(rng, t), sampling)
-    next_B = jnp.where(done_B, tokenizer_lib.PAD, next_B)
-    tokens_BT = jax.lax.dynamic_update_slice(tokens_BT, next_B[:, None], (0, t))
-    done_B = done_B | jnp.isin(next_B, stop_S)
-    return t + 1, next_B, tokens_BT, done_B, cache_constraint(cache)
+    def cond(state):
+      t, _, _, done_R, _ = state
+      return (t < T) & (jnp.sum(~done_R) > going_at_most)
 
-  steps, _, tokens_BT, _, _ = jax.lax.while_loop(cond, body, state)
+    def body(state):
+      t, last_R, tokens_RT, done_R, cache = state
+      logits_RV, cache = prompts.step(last_R, t, cache)
+      next_R = choose_tokens(logits_RV, jax.random.fold_in(rng, t), sampling, row_R)
+      next_R = jnp.where(done_R, tokenizer_lib.PAD, next_R)
+      tokens_RT = jax.lax.dynamic_update_slice(tokens_RT, next_R[:, None], (0, t))
+      done_R = done_R | jnp.isin(next_R, stop_S)
+      return t + 1, next_R, tokens_RT, done_R, cache_constraint(cache)
+
+    return jax.lax.while_loop(cond, body, state)
+
+  # R: the rows in the loop, B at first; row_R says which prompt each one is.
+  row_R = jnp.arange(B)
+  state = (jnp.int32(0), prompt_BP[:, -1], tokens_BT, length_B == 0, cache)
+  if not 0 < compact_to < B:
+    steps, _, tokens_BT, _, _ = run(state, prompts, row_R, 0)
+    return tokens_BT, steps
+  t, last_R, tokens_BT, done_R, cache = run(state, prompts, row_R, compact_to)
+  # Rows still going first; the rows left behind have written all their tokens.
+  # Gathers and the scatter back happen once, outside the token loops.
+  keep_R = jnp.argsort(done_R, stable=True)[:compact_to]
+  prompts, cache = prompts.take(keep_R, cache)
+  state = (t, last_R[keep_R], tokens_BT[keep_R], done_R[keep_R], cache_constraint(cache))
+  steps, _, tokens_RT, _, _ = run(state, prompts, keep_R, 0)
+  tokens_BT = tokens_BT.at[keep_R].set(tokens_RT)
   return tokens_BT, steps

@@ -231,6 +231,11 @@ def test_token_loop_reads_replicated_weights_without_gathers(trained, beam_size)
   assert 'all-gather' not in loops[True]
   # The training shardings re-gather the weights at every token: what replication saves.
   assert 'all-gather' in loops[False]
+  if beam_size == 1:  # nor do the loops of a batch that moves its last rows into 8
+    d = decode.Decoder(tr.setup, tr.setup.tokenizer, batch_size=32, max_prompt_len=P,
+                       max_decode_len=T, compact=4)
+    assert d.compact_to(32) == 8
+    assert 'all-gather' not in _loop_ops(d.executable(d.buckets[0]).as_text())
 
 
 def test_decoding_stops_when_every_row_has_ended(trained, decoder, prompts):
@@ -249,12 +254,48 @@ def test_prompts_compile_per_bucket_once(trained, prompts):
   assert d.buckets == (16, 32, P) and not d._compiled, 'compiled lazily'
   d.generate(tr.params, prompts)
   # Each batch (shortest prompts first) pads to the smallest bucket its longest prompt fits.
-  want = {d.bucket(max(len(prompts[i]) for i in rows)) for rows in d.batch_order(prompts)}
+  want = {(d.bucket(max(len(prompts[i]) for i in rows)), 8) for rows in d.batch_order(prompts)}
   assert set(d._compiled) == want
   spent = d.compile_seconds
   d.generate(tr.params, prompts)
   d.translate(tr.params, ['The boys read the newspapers.'])
   assert d.compile_seconds == spent, 'buckets compiled once are reused'
+
+
+def test_a_short_batch_runs_in_fewer_rows_and_rows_that_end_leave_the_loop(trained, prompts):
+  """The 12 prompts as one batch of 32 rows: they run in 16 (batch_size / 2),
+  and the loop moves to 8 rows once at most 8 are still going (compact=2)."""
+  _, tr = trained
+  plain = decode.Decoder(tr.setup, tr.setup.tokenizer, batch_size=32, max_prompt_len=P,
+                         max_decode_len=T, compact=1)
+  d = decode.Decoder(tr.setup, tr.setup.tokenizer, batch_size=32, max_prompt_len=P,
+                     max_decode_len=T, compact=2)
+  assert d.row_counts == (8, 16, 32) and d.rows_for(12) == 16 and d.compact_to(16) == 8
+  assert d.compact_to(8) == 0, '4 rows do not split over the 8 devices'
+  got = d.generate(tr.params, prompts)
+  assert got == plain.generate(tr.params, prompts)
+  for g, w in zip(got, _greedy_without_cache(tr, prompts, d.stop_ids)):
+    assert g == w[:-1] and w[-1] in d.stop_ids
+  assert list(d._compiled) == list(plain._compiled) == [(d.bucket(max(map(len, prompts))), 16)]
+  whiles = lambda dec: len(re.findall(r' while\(', next(iter(dec._compiled.values())).as_text()))
+  assert whiles(d) == 2 and whiles(plain) == 1, 'a loop over 16 rows, then one over 8'
+  # Sampled decoding keys each row by its place in the batch, so moving rows changes no draw.
+  hot = sampling_lib.Sampling(temperature=3.0, seed=2)
+  sampled = [decode.Decoder(tr.setup, tr.setup.tokenizer, batch_size=32, max_prompt_len=P,
+                            max_decode_len=T, compact=c, sampling=hot).generate(tr.params, prompts)
+             for c in (1, 2)]
+  assert sampled[0] == sampled[1]
+
+
+def test_translate_batches_sorts_within_a_window_and_keeps_input_order(trained, decoder):
+  _, tr = trained
+  sources = [p.src for p in evaluate.eval_pairs(tr.setup.config.data, 20)]
+  sources[5] = ''
+  windows = list(decoder.translate_batches(tr.params, sources, window=2))
+  assert [len(w) for w in windows] == [16, 4]
+  got = [t for w in windows for t in w]
+  alone = [decoder.translate(tr.params, [s])[0] for s in sources]
+  assert got == alone and got[5] == ''
 
 
 # --- beam search ---------------------------------------------------------------

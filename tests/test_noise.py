@@ -1,6 +1,7 @@
 """MTNT-style noise: reproducible, of each documented kind, and exact on resume in training."""
 
 import collections
+import dataclasses
 import difflib
 import os
 import random
@@ -86,8 +87,9 @@ def test_the_command_writes_a_noised_copy_line_for_line(tmp_path):
   assert not list(tmp_path.glob('*.tmp'))
 
 
-def _stream(rate, n=4):
-  cfg = helpers.tiny_config(**{'data.noise': rate})
+def _stream(rate, n=4, **rates):
+  cfg = helpers.tiny_config(**{'data.noise': rate},
+                            **{f'data.noise_rates.{k}': v for k, v in rates.items()})
   it = iter(pipeline.train_dataset(cfg.data, cfg.tokenizer.path, 8, pipeline.HostShard(0, 1)))
   return it, [next(it) for _ in range(n)]
 
@@ -114,3 +116,13 @@ def test_training_noise_changes_sources_and_resumes_exactly():
   resumed.set_state(state)
   for a, b in zip(want, [next(resumed) for _ in range(2)]):
     np.testing.assert_array_equal(a['inputs'], b['inputs'])
+
+
+def test_training_noise_uses_the_configured_rates():
+  _, clean = _stream(0.0, 2)
+  none = {f.name: 0.0 for f in dataclasses.fields(noise.Noise)}
+  _, none_of_each = _stream(1.0, 2, **none)
+  for a, b in zip(clean, none_of_each):
+    np.testing.assert_array_equal(a['inputs'], b['inputs'])
+  _, typos_only = _stream(1.0, 2, **{**none, 'typo': 0.5})
+  assert any(not np.array_equal(a['inputs'], b['inputs']) for a, b in zip(clean, typos_only))

@@ -63,6 +63,8 @@ def test_rerun_resumes_from_latest_step(trained):
     ({'model.checkpoint': '/nonexistent/2b'}, 'config.model.checkpoint'),
     ({'data.dir': '/nonexistent'}, 'no train.array_record in config.data.dir'),
     ({'model.variant': 'gemma_2b'}, "set it to 'random'"),
+    ({'data.noise_rates.typo': 1.5}, r'config.data.noise_rates.typo=1.5: a probability'),
+    ({'data.noise_rates.typos': 0.2}, 'config.data.noise_rates.typos: not a kind of noise'),
 ])
 def test_bad_config_is_one_clear_error(override, message):
   with pytest.raises(train.ConfigError, match=message):

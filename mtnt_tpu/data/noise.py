@@ -20,7 +20,8 @@ same noise, on any machine, in any order:
 The same noise serves both uses: `python -m mtnt_tpu.data.noise` writes a
 noised copy of a source file (a robustness test set, scored against the clean
 references), and `config.data.noise` noises that fraction of training sources,
-anew at every epoch (the index counts epochs too) and identically on resume.
+anew at every epoch (the index counts epochs too) and identically on resume, at the
+rates of `config.data.noise_rates` (these defaults unless changed).
 """
 
 from __future__ import annotations
@@ -137,13 +138,28 @@ def noisy(text: str, seed: int, index: int, noise: Noise = Noise()) -> str:
   return noise_text(text, random.Random(f'{seed}:{index}'), noise)
 
 
-def noisy_record(record: bytes, rate: float, seed: int, index: int) -> bytes:
-  """A training record whose source is noised with probability `rate` (config.data.noise)."""
+def noisy_record(record: bytes, rate: float, seed: int, index: int,
+                 noise: Noise = Noise()) -> bytes:
+  """A training record whose source is noised with probability `rate` (config.data.noise)
+  at the rates of `noise` (config.data.noise_rates)."""
   rng = random.Random(f'{seed}:{index}')
   if rng.random() >= rate:
     return record
   pair = records.decode(record)
-  return records.encode(dataclasses.replace(pair, src=noise_text(pair.src, rng)))
+  return records.encode(dataclasses.replace(pair, src=noise_text(pair.src, rng, noise)))
+
+
+def from_rates(rates) -> Noise:
+  """A `Noise` from config.data.noise_rates (a mapping of kind -> rate); a clear
+  error for an unknown kind or a rate outside [0, 1]."""
+  kinds = {f.name for f in dataclasses.fields(Noise)}
+  for kind, rate in dict(rates).items():
+    if kind not in kinds:
+      raise ValueError(f'config.data.noise_rates.{kind}: not a kind of noise; use one of '
+                       f'{", ".join(sorted(kinds))}')
+    if not 0 <= rate <= 1:  # also catches NaN
+      raise ValueError(f'config.data.noise_rates.{kind}={rate}: a probability, from 0 to 1')
+  return Noise(**dict(rates))
 
 
 FLAGS = flags.FLAGS

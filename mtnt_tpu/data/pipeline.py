@@ -76,17 +76,19 @@ def tokenize_example(tok: tokenizer_lib.Tokenizer, index: int, record: bytes,
 
 class _ReadWindow(grain.transforms.Map):
   """A window of (record index, stream place) -> its examples as dicts of unpadded
-  [n] arrays, the sources noised at config.data.noise.
+  [n] arrays, the sources noised at config.data.noise (kinds at `noise_kinds`).
 
   The window's records come from one ArrayRecord read (a call per record cost
   about ten times as much). Pickles by paths, for Grain's worker processes.
   """
 
   def __init__(self, paths: list[str], tokenizer_path: str, dst_lang: str, max_len: int,
-               chat_template: bool = False, noise_rate: float = 0.0, noise_seed: int = 0):
+               chat_template: bool = False, noise_rate: float = 0.0, noise_seed: int = 0,
+               noise_kinds: noise.Noise = noise.Noise()):
     self._paths, self._path, self._dst_lang = paths, tokenizer_path, dst_lang
     self._max_len, self._chat_template = max_len, chat_template
     self._noise_rate, self._noise_seed = noise_rate, noise_seed
+    self._noise_kinds = noise_kinds
     self._tok = self._source = None
 
   def __getstate__(self):
@@ -100,7 +102,8 @@ class _ReadWindow(grain.transforms.Map):
     out = []
     for (index, place), record in zip(element, self._source.__getitems__(indices)):
       if self._noise_rate:
-        record = noise.noisy_record(record, self._noise_rate, self._noise_seed, int(place))
+        record = noise.noisy_record(record, self._noise_rate, self._noise_seed, int(place),
+                                    self._noise_kinds)
       ex = tokenize_example(self._tok, index, record, self._dst_lang, self._max_len,
                             self._chat_template)
       out.append({'inputs': ex.inputs, 'targets': ex.targets, 'mask': ex.mask,
@@ -225,7 +228,8 @@ def _shard_stream(data_cfg, tokenizer_path: str, rows: int, k: int,
   ds = ds.map_with_index(lambda place, record: (record, place))
   ds = ds.batch(PACK_WINDOW, batch_fn=list)
   ds = ds.map(_ReadWindow(paths, tokenizer_path, data_cfg.dst_lang, L, chat_template,
-                          noise_rate=data_cfg.noise, noise_seed=seed))
+                          noise_rate=data_cfg.noise, noise_seed=seed,
+                          noise_kinds=noise.from_rates(data_cfg.noise_rates)))
   # One thread builds the next window while this one is consumed; Grain's
   # default read-ahead (16 threads, 500 elements) would tokenize half a
   # million examples ahead.

@@ -127,12 +127,15 @@ class Translator:
     self._decoders: dict[tuple[int, int, int], decode_lib.Decoder] = {}
     for beam in buckets.beam_sizes:
       for p in buckets.prompt_lens:
-        for b in self.batch_sizes:
+        for smaller, b in zip((0, *self.batch_sizes), self.batch_sizes):
           options = {'beam_size': beam} if beam > 1 else {}
-          self._decoders[beam, p, b] = decode_lib.Decoder(
+          d = self._decoders[beam, p, b] = decode_lib.Decoder(
               trained.setup, self._tokenizer, batch_size=b, max_prompt_len=p,
               max_decode_len=buckets.max_decode_len, dst_lang=self._dst_lang,
-              chat_template=self._chat_template, **options)
+              chat_template=self._chat_template, buckets=(p,), **options)
+          # translate() gives this decoder batches of smaller+1 .. b prompts.
+          for rows in sorted({d.rows_for(n) for n in range(smaller + 1, b + 1)}):
+            d.executable(p, rows)
     self.compile_seconds = time.perf_counter() - t0
     logging.info('compiled %d decoders in %.1fs', len(self._decoders), self.compile_seconds)
 
