@@ -2,7 +2,7 @@
 
     uv run python benchmarks/decode_speed.py --checkpoint DIR --tokenizer FILE \
         --source /work/shared/data/multi30k/val.en [--sentences 200] [--batch_size 64] \
-        [--samplers 64,8+logits] [--before]
+        [--samplers 64,8+logits] [--before] [--compilation_cache DIR]
 
 Loads a Kaggle-layout Gemma checkpoint (--variant) on this host's devices,
 takes the first --sentences lines of --source, and decodes them greedily (the
@@ -24,8 +24,10 @@ batches of --batch_size, with:
 The contenders take turns, a chunk of the largest batch size at a time (each
 splits it into its own batches), so the machine's other load falls on each
 alike. Times are wall-clock with compiles included (the Decoder's
-compile time is also given alone). Answers are compared as text, each cut at
-its first newline as `translate` writes it.
+compile time is also given alone). With --compilation_cache a second run
+finds every program compiled, as `translate` does after training's evals
+(both keep JAX's cache in the workdir). Answers are compared as text, each
+cut at its first newline as `translate` writes it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import common  # noqa: E402  (the repository root, for configs/)
 from mtnt_tpu import decode as decode_lib
 from mtnt_tpu import formats
+from mtnt_tpu import runtime
 from mtnt_tpu import tokenizer as tokenizer_lib
 from mtnt_tpu import train
 
@@ -117,7 +120,12 @@ def main() -> None:
                   help='comma-separated BATCH or BATCH+logits (return_logits=True, the '
                   "Sampler's default); empty: --batch_size")
   ap.add_argument('--before', action='store_true', help='also time the Decoder as it was')
+  ap.add_argument('--compilation_cache', default='',
+                  help="a directory for JAX's persistent compilation cache, as training and "
+                  'translate keep one in the workdir: run twice to time a warm start')
   args = ap.parse_args()
+  if args.compilation_cache:
+    runtime.enable_compilation_cache(args.compilation_cache, '')
   samplers = [(int(x.split('+')[0]), x.endswith('+logits'))
               for x in (args.samplers or str(args.batch_size)).split(',')]
   with open(args.source, encoding='utf-8') as f:

@@ -1,12 +1,14 @@
 """Val BLEU/chrF of a trained workdir on clean and MTNT-noised sources, greedy and beam.
 
     uv run python benchmarks/recipe_quality.py WORKDIR [--beam_sizes 1,4] [--lines N]
-        [--val_dir ../shared/data/multi30k]
+        [--val_dir ../shared/data/multi30k] [--noisy both|clean|noisy] [--kinds typo,emoji]
 
 For each beam size, `python -m mtnt_tpu.translate` (a user's command) translates
 val.en and a noised copy of it (`python -m mtnt_tpu.data.noise --seed 0`, the
 same every time), both scored against val.fr; its own wall time is the decoding
-cost. Prints a markdown table: source, beam, BLEU, chrF, seconds.
+cost. --kinds adds one copy per kind of noise with only that kind (`--only`),
+to say which kinds make up a gap. Prints a markdown table: source, beam, BLEU,
+chrF, seconds.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def main() -> None:
   ap.add_argument('--lines', type=int, default=0, help='the first N val lines (0: all)')
   ap.add_argument('--val_dir', default=os.path.join(os.path.dirname(ROOT), 'shared', 'data',
                                                      'multi30k'))
-  ap.add_argument('--noisy', default='both', choices=('both', 'clean', 'noisy'))
+  ap.add_argument('--noisy', default='both', choices=('both', 'clean', 'noisy', 'none'))
+  ap.add_argument('--kinds', default='', help='kinds of noise to score one at a time')
   args = ap.parse_args()
   with tempfile.TemporaryDirectory() as tmp:
     src, ref = os.path.join(tmp, 'val.en'), os.path.join(tmp, 'val.fr')
@@ -60,7 +63,12 @@ def main() -> None:
     noisy = os.path.join(tmp, 'val.noisy.en')
     _run(['mtnt_tpu.data.noise', '--input', src, '--output', noisy, '--seed', '0'])
     sources = {'clean': [('clean', src)], 'noisy': [('noisy', noisy)],
-               'both': [('clean', src), ('noisy', noisy)]}[args.noisy]
+               'both': [('clean', src), ('noisy', noisy)], 'none': []}[args.noisy]
+    for kind in filter(None, args.kinds.split(',')):
+      path = os.path.join(tmp, f'val.{kind}.en')
+      _run(['mtnt_tpu.data.noise', '--input', src, '--output', path, '--seed', '0',
+            '--only', kind])
+      sources.append((f'{kind} only', path))
     rows = []
     for beam in (int(b) for b in args.beam_sizes.split(',')):
       for name, path in sources:

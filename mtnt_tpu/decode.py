@@ -28,6 +28,7 @@ up to float rounding (the tests check they are equal).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -197,30 +198,50 @@ class Decoder:
     B = B or self.batch_size
     if (P, B) not in self._compiled:
       t0 = time.perf_counter()
-      rep = self._replicated
-      rng = jax.random.key_data(jax.random.key(0))
-      n_out = 3 if self.beam_size > 1 else 2
-      fn = self._fn if self.beam_size > 1 else functools.partial(
-          self._fn, compact_to=self.compact_to(B))
-      jitted = jax.jit(fn, in_shardings=(self._param_shardings, self._prompt_sharding,
-                                         self._length_sharding, rep),
-                       out_shardings=(rep,) * n_out)
-      self._compiled[P, B] = jitted.lower(
-          self._abstract_params,
-          jax.ShapeDtypeStruct((B, P), jnp.int32, sharding=self._prompt_sharding),
-          jax.ShapeDtypeStruct((B,), jnp.int32, sharding=self._length_sharding),
-          jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep)).compile()
+      self._compiled[P, B] = self._lower(P, B).compile()
       self.compile_seconds += time.perf_counter() - t0
       logging.info('compiled the decoder for prompts of %d tokens (batch %d, beam %d, '
                    'new tokens %d) in %.1fs', P, B, self.beam_size, self.max_decode_len,
                    time.perf_counter() - t0)
     return self._compiled[P, B]
 
+  def _lower(self, P: int, B: int):
+    rep = self._replicated
+    rng = jax.random.key_data(jax.random.key(0))
+    n_out = 3 if self.beam_size > 1 else 2
+    fn = self._fn if self.beam_size > 1 else functools.partial(
+        self._fn, compact_to=self.compact_to(B))
+    jitted = jax.jit(fn, in_shardings=(self._param_shardings, self._prompt_sharding,
+                                       self._length_sharding, rep),
+                     out_shardings=(rep,) * n_out)
+    return jitted.lower(
+        self._abstract_params,
+        jax.ShapeDtypeStruct((B, P), jnp.int32, sharding=self._prompt_sharding),
+        jax.ShapeDtypeStruct((B,), jnp.int32, sharding=self._length_sharding),
+        jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=rep))
+
   def compile_for(self, prompts: Sequence[Sequence[int]]) -> None:
-    """Compiles, now, every bucket `generate(params, prompts)` will use."""
-    for batch in self.batch_order(prompts):
-      self.executable(self.bucket(max(len(prompts[i]) for i in batch)),
-                      self.rows_for(len(batch)))
+    """Compiles, now, every program `generate(params, prompts)` will use.
+
+    XLA compiles each on one thread, with the GIL released: they compile side
+    by side (traced one after another), so a run that needs three waits for
+    about the slowest on a machine with three cores.
+    """
+    keys = {(self.bucket(max(len(prompts[i]) for i in batch)), self.rows_for(len(batch)))
+            for batch in self.batch_order(prompts)}
+    todo = sorted(keys - set(self._compiled))
+    if len(todo) < 2:
+      for P, B in todo:
+        self.executable(P, B)
+      return
+    t0 = time.perf_counter()
+    lowered = [self._lower(P, B) for P, B in todo]
+    with concurrent.futures.ThreadPoolExecutor(len(todo)) as pool:
+      compiled = list(pool.map(lambda program: program.compile(), lowered))
+    self._compiled.update(zip(todo, compiled))
+    self.compile_seconds += time.perf_counter() - t0
+    logging.info('compiled the decoder for %s (prompt tokens, rows) side by side in %.1fs',
+                 todo, time.perf_counter() - t0)
 
   def prepare(self, params):
     """The weights as the token loop reads them (compute dtype; replicated if it fits)."""

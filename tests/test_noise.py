@@ -126,3 +126,21 @@ def test_training_noise_uses_the_configured_rates():
     np.testing.assert_array_equal(a['inputs'], b['inputs'])
   _, typos_only = _stream(1.0, 2, **{**none, 'typo': 0.5})
   assert any(not np.array_equal(a['inputs'], b['inputs']) for a, b in zip(clean, typos_only))
+
+
+def test_the_command_can_noise_one_kind_only(tmp_path):
+  src = _sources(200)
+  (tmp_path / 'in.en').write_text('\n'.join(src) + '\n', encoding='utf-8')
+  r = subprocess.run([sys.executable, '-m', 'mtnt_tpu.data.noise', '--input',
+                      str(tmp_path / 'in.en'), '--output', str(tmp_path / 'out.en'),
+                      '--only', 'typo'], capture_output=True, text=True, cwd=helpers.ROOT)
+  assert r.returncode == 0, r.stderr
+  lines = (tmp_path / 'out.en').read_text(encoding='utf-8').splitlines()
+  assert lines == [noise.noisy(s, 0, i, noise.only(['typo'])) for i, s in enumerate(src)]
+  # Typos only: no casing, punctuation, emoji or slang changes, so the words line up.
+  assert sum(a != b for a, b in zip(lines, src)) > 50
+  assert all(len(a.split()) == len(b.split()) and a[-1:] == b[-1:] for a, b in zip(lines, src))
+  r = subprocess.run([sys.executable, '-m', 'mtnt_tpu.data.noise', '--input',
+                      str(tmp_path / 'in.en'), '--output', '-', '--only', 'typos'],
+                     capture_output=True, text=True, cwd=helpers.ROOT)
+  assert r.returncode != 0 and 'typos is not a kind of noise' in r.stderr

@@ -162,6 +162,18 @@ def from_rates(rates) -> Noise:
   return Noise(**dict(rates))
 
 
+def only(kinds) -> Noise:
+  """`Noise` with just these kinds at their default rates (all of them when empty)."""
+  if not kinds:
+    return Noise()
+  default = dataclasses.asdict(Noise())
+  unknown = [k for k in kinds if k not in default]
+  if unknown:
+    raise ValueError(f'--only={",".join(kinds)}: {unknown[0]} is not a kind of noise; use '
+                     f'some of {",".join(default)}')
+  return Noise(**{k: (rate if k in kinds else 0.0) for k, rate in default.items()})
+
+
 FLAGS = flags.FLAGS
 
 
@@ -170,6 +182,8 @@ def define_flags() -> None:
   flags.DEFINE_string('input', None, 'Source sentences, one per line (UTF-8).')
   flags.DEFINE_string('output', None, 'Where the noised lines go ("-": stdout).')
   flags.DEFINE_integer('seed', 0, 'Noise seed; line i is noised with (seed, i).')
+  flags.DEFINE_list('only', [], 'Only these kinds of noise (Noise fields, e.g. typo), each '
+                    'at its usual rate; the others off. Empty: every kind.')
 
 
 def main(argv) -> None:
@@ -184,7 +198,11 @@ def main(argv) -> None:
     raise SystemExit(f'error: cannot read --input={FLAGS.input}: {e}') from None
   if lines and lines[-1] == '':
     lines.pop()
-  out = '\n'.join(noisy(line, FLAGS.seed, i) for i, line in enumerate(lines)) + '\n'
+  try:
+    kinds = only(FLAGS.only)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  out = '\n'.join(noisy(line, FLAGS.seed, i, kinds) for i, line in enumerate(lines)) + '\n'
   if FLAGS.output == '-':
     sys.stdout.write(out)
     return
