@@ -12,7 +12,8 @@ batch_size / 2, ... (`row_counts`) that holds them, not among filler rows.
 Inside a batch, once a quarter of the rows are still going (`compact`) they
 move to a batch a quarter the size: answers differ in length, and every step
 of the longest one would otherwise cost the whole batch. One program is
-compiled per (prompt bucket, row count) used, lazily, and kept. The weights are cast to the compute dtype
+compiled per (prompt bucket, row count) used, lazily or all at once
+(`compile_for`), and kept. The weights are cast to the compute dtype
 and, when a copy fits (`replicate_params`), gathered onto every device once
 per `generate`/`translate_batches` call by a separate jitted reshard: the
 token loop then holds them whole and runs no all-gather (the training
@@ -223,9 +224,8 @@ class Decoder:
   def compile_for(self, prompts: Sequence[Sequence[int]]) -> None:
     """Compiles, now, every program `generate(params, prompts)` will use.
 
-    XLA compiles each on one thread, with the GIL released: they compile side
-    by side (traced one after another), so a run that needs three waits for
-    about the slowest on a machine with three cores.
+    Traced one after another, they compile side by side in threads (XLA
+    releases the GIL), so cores a single compile leaves idle are used.
     """
     keys = {(self.bucket(max(len(prompts[i]) for i in batch)), self.rows_for(len(batch)))
             for batch in self.batch_order(prompts)}
