@@ -230,9 +230,7 @@ class Decoder:
     keys = {(self.bucket(max(len(prompts[i]) for i in batch)), self.rows_for(len(batch)))
             for batch in self.batch_order(prompts)}
     todo = sorted(keys - set(self._compiled))
-    if len(todo) < 2:
-      for P, B in todo:
-        self.executable(P, B)
+    if not todo:
       return
     t0 = time.perf_counter()
     lowered = [self._lower(P, B) for P, B in todo]

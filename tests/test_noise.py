@@ -143,4 +143,7 @@ def test_the_command_can_noise_one_kind_only(tmp_path):
   r = subprocess.run([sys.executable, '-m', 'mtnt_tpu.data.noise', '--input',
                       str(tmp_path / 'in.en'), '--output', '-', '--only', 'typos'],
                      capture_output=True, text=True, cwd=helpers.ROOT)
-  assert r.returncode != 0 and 'typos is not a kind of noise' in r.stderr
+  assert r.returncode != 0
+  assert r.stderr.strip().splitlines() == [
+      'error: --only=typos: typos is not a kind of noise; use some of '
+      'typo,lowercase,shout,drop_final_punct,emoji,slang,apostrophe,stretch']

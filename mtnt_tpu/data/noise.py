@@ -192,16 +192,16 @@ def main(argv) -> None:
   if not FLAGS.input or not FLAGS.output:
     raise app.UsageError('give --input FILE and --output FILE (or - for stdout)')
   try:
+    kinds = only(FLAGS.only)
+  except ValueError as e:
+    raise SystemExit(f'error: {e}') from None
+  try:
     with open(FLAGS.input, encoding='utf-8') as f:
       lines = f.read().split('\n')
   except (OSError, UnicodeDecodeError) as e:
     raise SystemExit(f'error: cannot read --input={FLAGS.input}: {e}') from None
   if lines and lines[-1] == '':
     lines.pop()
-  try:
-    kinds = only(FLAGS.only)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from None
   out = '\n'.join(noisy(line, FLAGS.seed, i, kinds) for i, line in enumerate(lines)) + '\n'
   if FLAGS.output == '-':
     sys.stdout.write(out)
