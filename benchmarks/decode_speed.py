@@ -2,7 +2,7 @@
 
     uv run python benchmarks/decode_speed.py --checkpoint DIR --tokenizer FILE \
         --source /work/shared/data/multi30k/val.en [--sentences 200] [--batch_size 64] \
-        [--samplers 64,8+logits] [--before] [--compilation_cache DIR]
+        [--samplers 64,8+logits] [--before] [--unscreened] [--compilation_cache DIR]
 
 Loads a Kaggle-layout Gemma checkpoint (--variant) on this host's devices,
 takes the first --sentences lines of --source, and decodes them greedily (the
@@ -13,6 +13,8 @@ batches of --batch_size, with:
   weights prepared once, stops when every row has ended);
 - with --before, the Decoder with one prompt length (max_prompt_len) as it
   was before prompt buckets;
+- with --unscreened, the Decoder without its bf16 argmax screen and loop
+  layout (`decode.Decoder(screen=False, loop_layout=False)`);
 - gemma's `gemma.sampler.Sampler` (gemma 2.0.8), fed the same prompt ids,
   once per --samplers entry: BATCH runs it in batches of BATCH with
   `return_logits=False`; BATCH+logits with the Sampler's own default,
@@ -69,6 +71,7 @@ class _Contender:
   seconds: float = 0.0  # compiles included
   compile_seconds: float | None = None
   answers: dict = dataclasses.field(default_factory=dict)
+  steps: list = dataclasses.field(default_factory=lambda: [0, 0])  # Decoder: run, fell back
 
 
 def _decoder(run, params, prompts, args, name, **options) -> _Contender:
@@ -79,9 +82,13 @@ def _decoder(run, params, prompts, args, name, **options) -> _Contender:
   prepared = d.prepare(params)
   jax.block_until_ready(prepared)
   def decode(rows):
-    return [d.detokenize(x) for start in range(0, len(rows), d.batch_size)
-            for x in d.run_batch(prepared, [prompts[i] for i in rows[start:start + d.batch_size]]
-                                 ).tokens]
+    answers = []
+    for start in range(0, len(rows), d.batch_size):
+      batch = d.run_batch(prepared, [prompts[i] for i in rows[start:start + d.batch_size]])
+      answers += [d.detokenize(x) for x in batch.tokens]
+      c.steps[0] += batch.steps
+      c.steps[1] += batch.fallbacks
+    return answers
   c = _Contender(name.format(batch=d.batch_size, buckets=d.buckets), decode)
   c.seconds = time.perf_counter() - t0
   c.compile_seconds = d.compile_seconds
@@ -120,6 +127,9 @@ def main() -> None:
                   help='comma-separated BATCH or BATCH+logits (return_logits=True, the '
                   "Sampler's default); empty: --batch_size")
   ap.add_argument('--before', action='store_true', help='also time the Decoder as it was')
+  ap.add_argument('--unscreened', action='store_true',
+                  help='also time the Decoder with neither the bf16 argmax screen nor the '
+                  'loop layout of the weights')
   ap.add_argument('--compilation_cache', default='',
                   help="a directory for JAX's persistent compilation cache, as training and "
                   'translate keep one in the workdir: run twice to time a warm start')
@@ -144,6 +154,10 @@ def main() -> None:
     contenders.append(_decoder(
         run, params, prompts, args, 'mtnt_tpu Decoder as before: batch {batch}, one prompt '
         'length {buckets}', batch_size=args.batch_size, buckets=(args.max_prompt_len,)))
+  if args.unscreened:
+    contenders.append(_decoder(
+        run, params, prompts, args, 'mtnt_tpu Decoder, batch {batch}, no screen, no loop layout',
+        batch_size=args.batch_size, screen=False, loop_layout=False))
   contenders += [_sampler(run, params, prompts, args, b, logits) for b, logits in samplers]
   # Chunk by chunk in turn, so the machine's other load falls on every contender alike.
   order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -166,6 +180,8 @@ def main() -> None:
     compile_s = '' if c.compile_seconds is None else f'{c.compile_seconds:.1f}'
     print(f'| {c.name} | {c.seconds:.1f} | {compile_s} | {len(prompts) / c.seconds:.2f} | '
           f'{c.seconds / first.seconds:.1f}x | {same}/{len(prompts)} |')
+  print(f'\nThe Decoder ran {first.steps[0]} token steps; in {first.steps[1]} of them its bf16 '
+        'screen could not prove some row\'s token and computed the fp32 logits.')
   for c in contenders[1:]:
     for i in range(len(prompts)):
       if first.answers[i] != c.answers[i]:

@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
 from mtnt_tpu import beam as beam_lib
+from mtnt_tpu import loop_layout as loop_layout_lib
 from mtnt_tpu import model as model_lib
 from mtnt_tpu import sampling as sampling_lib
 from mtnt_tpu import sharding as sharding_lib
@@ -64,10 +65,12 @@ def prompt_buckets(max_prompt_len: int) -> tuple[int, ...]:
 @dataclasses.dataclass(frozen=True)
 class Batch:
   """What one compiled batch returned: tokens per prompt (cut before the stop
-  token), beam scores per prompt (None unless beam search), steps run."""
+  token), beam scores per prompt (None unless beam search), steps run, and how
+  many of them the greedy screen left to the full fp32 logits."""
   tokens: list[list[int]]
   scores: list[float] | None
   steps: int
+  fallbacks: int = 0
 
 
 class Decoder:
@@ -90,6 +93,13 @@ class Decoder:
     buckets: the compiled prompt lengths (default `prompt_buckets`).
     compact: once 1/compact of a batch's rows are still going, they finish in a
       batch 1/compact the size (greedy and sampled decoding; 1: never).
+    screen: greedy tokens from a bf16 pass over the vocabulary, proven equal to
+      the fp32 argmax (`sampling.screened_argmax`). None: on for greedy
+      decoding in float32, where the unembedding is about half a step on a CPU
+      (in bfloat16 there is nothing to save).
+    loop_layout: lay each einsum weight out as the decoder's matmuls read it,
+      once per call (`loop_layout`). None: on CPUs, where XLA would otherwise
+      copy every weight at every token.
   """
 
   def __init__(self, run, tokenizer: tokenizer_lib.Tokenizer, *, batch_size: int,
@@ -98,7 +108,8 @@ class Decoder:
                sampling: sampling_lib.Sampling = sampling_lib.Sampling(),
                beam_size: int = 1, length_penalty: float = 0.6,
                replicate_params: bool | None = None,
-               buckets: Sequence[int] | None = None, compact: int = 4):
+               buckets: Sequence[int] | None = None, compact: int = 4,
+               screen: bool | None = None, loop_layout: bool | None = None):
     if max_prompt_len < 2 or max_decode_len < 1:
       raise ValueError(f'max_prompt_len={max_prompt_len} must be >= 2 and '
                        f'max_decode_len={max_decode_len} >= 1')
@@ -113,6 +124,12 @@ class Decoder:
       raise ValueError(f'length_penalty={length_penalty}: use alpha >= 0 (0: none)')
     if compact < 1:
       raise ValueError(f'compact={compact}: use 1 (never) or a factor such as 4')
+    greedy_fp32 = (beam_size == 1 and sampling.greedy
+                   and jnp.dtype(run.compute_dtype) == jnp.float32)
+    if screen and not greedy_fp32:
+      raise ValueError('screen=True needs greedy decoding (beam_size=1, temperature=0) '
+                       'in float32 compute')
+    self.screen = greedy_fp32 if screen is None else screen
     divisor = sharding_lib.batch_divisor(run.mesh)
     self.batch_size = -(-batch_size // divisor) * divisor
     self.row_counts = _row_counts(self.batch_size, divisor)
@@ -138,17 +155,16 @@ class Decoder:
     if replicate_params is None:
       replicate_params = _copy_fits(run.abstract_params, compute_dtype, mesh)
     self.replicate_params = replicate_params
-    # Gemma 3 (and Gemma 2 9B/27B) keep the MLP's gating weights as [2, F, D]
-    # (transpose_gating_einsum), contracted over their minor axis: XLA on CPU
-    # then copies each layer's into [D, 2F] at every token, inside the loop
-    # (18 copies of 10 MB a token on Gemma 3 270M). The token loop reads them
-    # as [2, D, F], the Gemma 1 layout, transposed once per call.
-    model_config = run.model_config
-    if model_config.transpose_gating_einsum:
-      model_config = dataclasses.replace(model_config, transpose_gating_einsum=False)
-      to_loop_layout = _swap_gating
+    model = model_lib.make_model(run.model_config)
+    if loop_layout is None:
+      loop_layout = mesh.devices.flat[0].platform == 'cpu'
+    if loop_layout:  # weights transposed once per call, not copied at every token
+      layout = loop_layout_lib.LoopLayout.record(model, run.abstract_params)
+      model, to_loop_layout = layout.wrap(model), layout.params
     else:
       to_loop_layout = lambda tree: tree
+    self.loop_layout = loop_layout
+    self.model = model  # as the programs run it, on `prepare`d weights
     self._param_shardings = to_loop_layout(
         jax.tree.map(lambda _: replicated, run.params_shardings) if replicate_params
         else run.params_shardings)
@@ -166,14 +182,15 @@ class Decoder:
                   v, replicated if k == 'end_index' else rows) for k, v in layer.items()}
               for name, layer in cache.items()}
 
-    common = dict(model=model_lib.make_model(model_config),
+    common = dict(model=model,
                   cache_constraint=cache_constraint, compute_dtype=compute_dtype,
                   stop_ids=self.stop_ids, max_decode_len=max_decode_len)
     if beam_size > 1:
       self._fn = functools.partial(beam_lib.search, beam_size=beam_size,
                                    length_penalty=length_penalty, mesh=mesh, **common)
     else:
-      self._fn = functools.partial(sampling_lib.generate, sampling=sampling, **common)
+      self._fn = functools.partial(sampling_lib.generate, sampling=sampling,
+                                   screen=self.screen, mesh=mesh, **common)
     self._compiled: dict[tuple[int, int], Any] = {}
 
   # --- compiled programs -----------------------------------------------------
@@ -209,12 +226,11 @@ class Decoder:
   def _lower(self, P: int, B: int):
     rep = self._replicated
     rng = jax.random.key_data(jax.random.key(0))
-    n_out = 3 if self.beam_size > 1 else 2
     fn = self._fn if self.beam_size > 1 else functools.partial(
         self._fn, compact_to=self.compact_to(B))
     jitted = jax.jit(fn, in_shardings=(self._param_shardings, self._prompt_sharding,
                                        self._length_sharding, rep),
-                     out_shardings=(rep,) * n_out)
+                     out_shardings=(rep,) * 3)
     return jitted.lower(
         self._abstract_params,
         jax.ShapeDtypeStruct((B, P), jnp.int32, sharding=self._prompt_sharding),
@@ -303,7 +319,8 @@ class Decoder:
         _global(length_B, self._length_sharding), _global(np.asarray(rng), self._replicated))
     # Replicated: every process holds the whole array on each of its devices.
     outputs = [np.asarray(x.addressable_data(0)) for x in outputs]
-    tokens_BT, steps = outputs[0], int(outputs[-1])
+    tokens_BT = outputs[0]
+    steps, fallbacks = (int(outputs[2]), 0) if self.beam_size > 1 else map(int, outputs[1:])
     stops = set(self.stop_ids)
     tokens = []
     for r in range(len(prompts)):
@@ -311,7 +328,7 @@ class Decoder:
       end = next((i for i, t in enumerate(row) if t in stops), len(row))
       tokens.append(row[:end])
     scores = outputs[1][:len(prompts)].tolist() if self.beam_size > 1 else None
-    return Batch(tokens, scores, steps)
+    return Batch(tokens, scores, steps, fallbacks)
 
   def layout(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     """Prompts left-padded to their bucket [B, P] (filler rows empty) in the
@@ -372,22 +389,6 @@ def _row_counts(batch_size: int, divisor: int) -> tuple[int, ...]:
   while out[-1] % 2 == 0 and out[-1] // 2 >= 8 and (out[-1] // 2) % divisor == 0:
     out.append(out[-1] // 2)
   return tuple(reversed(out))
-
-
-def _swap_gating(tree):
-  """Each layer's mlp/gating_einsum [2, F, D] <-> [2, D, F]: arrays, shapes or shardings."""
-  def swap(x):
-    if isinstance(x, NamedSharding):
-      spec = tuple(x.spec) + (None,) * (3 - len(x.spec))
-      return NamedSharding(x.mesh, PartitionSpec(spec[0], spec[2], spec[1]))
-    if isinstance(x, jax.ShapeDtypeStruct):
-      return jax.ShapeDtypeStruct((x.shape[0], x.shape[2], x.shape[1]), x.dtype,
-                                  sharding=x.sharding and swap(x.sharding))
-    return jnp.swapaxes(x, 1, 2)
-  return {name: ({**layer, 'mlp': {**layer['mlp'], 'gating_einsum':
-                                      swap(layer['mlp']['gating_einsum'])}}
-                 if isinstance(layer, dict) and 'mlp' in layer else layer)
-          for name, layer in tree.items()}
 
 
 def _copy_fits(abstract_params, dtype, mesh) -> bool:

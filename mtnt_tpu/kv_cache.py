@@ -24,6 +24,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from mtnt_tpu import model as model_lib
+
 
 @dataclasses.dataclass(frozen=True)
 class Prompts:
@@ -34,14 +36,17 @@ class Prompts:
   real_BC: jax.Array  # cache slots that hold this row's tokens (not left padding)
   P: int
 
-  def step(self, last_B: jax.Array, t, cache) -> tuple[jax.Array, Any]:
-    """Feeds each row's token for slot P-1+t; logits [B, V] of the next one."""
+  def step(self, last_B: jax.Array, t, cache, *, hidden: bool = False
+           ) -> tuple[jax.Array, Any]:
+    """Feeds each row's token for slot P-1+t; logits [B, V] of the next one (with
+    hidden: the final-norm activations [B, D] they come from, for `screen`)."""
     C = self.real_BC.shape[1]
     positions_B1 = (self.length_B - 1 + t)[:, None]
     mask_B1C = ((jnp.arange(C) <= self.P - 1 + t)[None, :] & self.real_BC)[:, None, :]
-    logits_B1V, cache = self.model.apply({'params': self.params}, last_B[:, None],
-                                         positions_B1, cache, mask_B1C)
-    return logits_B1V[:, 0], cache
+    out_B1X, cache = self.model.apply({'params': self.params}, last_B[:, None], positions_B1,
+                                      cache, mask_B1C,
+                                      method=model_lib.final_hidden if hidden else None)
+    return out_B1X[:, 0], cache
 
   def take(self, row_R: jax.Array, cache) -> tuple[Prompts, Any]:
     """Rows `row_R` of these prompts and of their cache (which may repeat rows)."""
@@ -57,7 +62,8 @@ def prefill(params, prompt_BP, length_B, *, model, C: int, compute_dtype,
   pad_B = P - length_B
   slot_C = jnp.arange(C)
   real_BC = slot_C[None, :] >= pad_B[:, None]
-  cache = cache_constraint(model.config.init_cache(B, compute_dtype, cache_length=C))
+  cache = cache_constraint(model_lib.network_config(model).init_cache(
+      B, compute_dtype, cache_length=C))
   if P > 1:
     query_Q = jnp.arange(P - 1)
     positions_BQ = jnp.maximum(query_Q[None, :] - pad_B[:, None], 0)

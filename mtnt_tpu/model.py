@@ -178,20 +178,28 @@ def network_config(model) -> TransformerConfig:
   return getattr(model, 'base', model).config
 
 
-def _final_hidden(module: gemma_transformer.Transformer, tokens_BL, positions_BL, mask_BLL):
-  # gemma 2.0.8's Transformer.__call__ up to the final norm, on its own modules;
-  # the unembedding is left to the loss, which runs it a chunk at a time.
+def final_hidden(module: gemma_transformer.Transformer, tokens_BL, positions_BL, cache,
+                 mask_BLL):
+  """gemma 2.0.8's Transformer.__call__ up to the final norm, on its own modules:
+  activations [B, L, D] and the updated cache (None without one). The
+  unembedding is left to the caller (the loss runs it a chunk at a time, greedy
+  decoding screens it in bf16). Use as `model.apply(..., method=final_hidden)`."""
+  cache = None if cache is None else dict(cache)  # the caller's stays as it was
   x_BLD = module.embedder.encode(tokens_BL)
-  for block in module.blocks:
-    _, x_BLD = block(x_BLD, positions_BL, None, mask_BLL)
-  return module.final_norm(x_BLD)
+  for i, block in enumerate(module.blocks):
+    name = f'layer_{i}'
+    layer_cache, x_BLD = block(x_BLD, positions_BL, cache[name] if cache else None, mask_BLL)
+    if cache is not None:
+      cache[name] = layer_cache
+  return module.final_norm(x_BLD), cache
 
 
 def hidden_states(model: nn.Module, params: Params, inputs_BL: jax.Array,
                   positions_BL: jax.Array, segment_ids_BL: jax.Array) -> jax.Array:
   """Final-norm activations [B, L, D]: `forward` without the [B, L, V] unembedding."""
-  return model.apply({'params': params}, inputs_BL, positions_BL,
-                     attention_mask(segment_ids_BL), method=_final_hidden)
+  x_BLD, _ = model.apply({'params': params}, inputs_BL, positions_BL, None,
+                         attention_mask(segment_ids_BL), method=final_hidden)
+  return x_BLD
 
 
 def output_logits(cfg: TransformerConfig, table_VD: jax.Array, x_TD: jax.Array) -> jax.Array:

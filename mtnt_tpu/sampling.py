@@ -11,8 +11,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from mtnt_tpu import kv_cache
+from mtnt_tpu import model as model_lib
+from mtnt_tpu import sharding as sharding_lib
 from mtnt_tpu import tokenizer as tokenizer_lib
 
 
@@ -58,18 +61,101 @@ def choose_tokens(logits_BV: jax.Array, rng: jax.Array, sampling: Sampling,
   return jax.vmap(jax.random.categorical)(keys_B, logits_BV).astype(jnp.int32)
 
 
+# Greedy decoding's screen (`screened_argmax`): how many tokens a bf16 pass
+# proposes per row, found a block of the vocabulary at a time.
+SCREEN_CANDIDATES = 16
+_SCREEN_BLOCK = 128
+
+
+def screen_bound(D: int) -> float:
+  """Bounds |bf16-screened logit - fp32 logit| as a multiple of |x| * |e|.
+
+  Rounding x and a table row e to bf16 changes each product x_i e_i by at most
+  (2u + u^2)|x_i e_i| (u = 2^-8); their product is exact in fp32, and summing D
+  terms in fp32, in any order, adds at most D 2^-24 of sum |x_i e_i| (counted
+  twice more for the fp32 logits compared against, whatever their order), and
+  sum |x_i e_i| <= |x| |e| (Cauchy-Schwarz).
+  """
+  u = 2.0**-8
+  return 2 * u + u * u + 4.1 * D * 2.0**-24
+
+
+def screened_argmax(x_BD: jax.Array, table_VD: jax.Array, table_bf16_VD: jax.Array,
+                    max_row_norm: jax.Array, cfg) -> tuple[jax.Array, jax.Array]:
+  """The greedy token [B] of the fp32 logits `model.output_logits(cfg, table_VD,
+  x_BD)` without computing them all, and whether it had to after all [].
+
+  On a CPU the fp32 [B, D] x [D, V] unembedding is about half a decode step at
+  Gemma's 262k vocabulary, and bf16 runs it about twice as fast. So a bf16 pass
+  proposes each row's SCREEN_CANDIDATES likeliest tokens, they are scored
+  exactly in fp32, and a bound on bf16's error (`screen_bound`) proves that no
+  other token can beat the best of them. In the rare step where the bound
+  cannot prove it for some row (two tokens within about 1% of |x| |e|), the
+  whole step computes the fp32 logits instead, so the answer is always the
+  plain argmax (ties to the lowest id, as jnp.argmax).
+  """
+  B, D = x_BD.shape
+  V = table_VD.shape[0]
+  k = min(SCREEN_CANDIDATES, V - 1)
+  approx_BV = jnp.einsum('bd,vd->bv', x_BD.astype(jnp.bfloat16), table_bf16_VD,
+                         preferred_element_type=jnp.float32)
+  value_BK, token_BK = _top_k_blocked(approx_BV, k + 1)
+  cand_BK = token_BK[:, :k]
+  # A multiply and sum, not a dot: XLA rewrites dot(x, gather(table)) as
+  # gather(dot(x, table)), the very [B, V] product being saved.
+  exact_BK = jnp.sum(x_BD[:, None, :] * jnp.take(table_VD, cand_BK, axis=0), axis=-1)
+  bound_B = screen_bound(D) * jnp.linalg.norm(x_BD, axis=-1) * max_row_norm
+  proven = jnp.all(jnp.max(exact_BK, axis=-1) > value_BK[:, k] + bound_B)
+  # The soft-cap is monotone but can round neighbours to one value: then the lowest id wins.
+  capped_BK = _soft_cap(exact_BK, cfg.final_logit_softcap)
+  best_B1 = jnp.max(capped_BK, axis=-1, keepdims=True)
+  screened_B = jnp.min(jnp.where(capped_BK == best_B1, cand_BK, V), axis=-1)
+  token_B = jax.lax.cond(proven, lambda: screened_B.astype(jnp.int32),
+                         lambda: jnp.argmax(model_lib.output_logits(cfg, table_VD, x_BD),
+                                            axis=-1).astype(jnp.int32))
+  return token_B, ~proven
+
+
+def _soft_cap(logits, cap: float | None):
+  # As gemma's Transformer applies it (2.0.8), op for op.
+  return logits if cap is None else jnp.tanh(logits / cap) * cap
+
+
+def _top_k_blocked(v_BV: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """lax.top_k(v_BV, k), in two small steps: the k blocks with the largest
+  maxima hold the k largest values. A top_k over 262k values is a sort-like
+  pass as costly as a quarter of the bf16 unembedding on a CPU."""
+  B, V = v_BV.shape
+  n = -(-V // _SCREEN_BLOCK)
+  if n * _SCREEN_BLOCK != V:
+    v_BV = jnp.pad(v_BV, ((0, 0), (0, n * _SCREEN_BLOCK - V)), constant_values=-jnp.inf)
+  v_BNK = v_BV.reshape(B, n, _SCREEN_BLOCK)
+  _, block_BM = jax.lax.top_k(jnp.max(v_BNK, axis=-1), min(k, n))
+  pool_BMK = jnp.take_along_axis(v_BNK, block_BM[:, :, None], axis=1)
+  id_BMK = block_BM[:, :, None] * _SCREEN_BLOCK + jnp.arange(_SCREEN_BLOCK)[None, None, :]
+  value_Bk, at_Bk = jax.lax.top_k(pool_BMK.reshape(B, -1), k)
+  return value_Bk, jnp.take_along_axis(id_BMK.reshape(B, -1), at_Bk, axis=1)
+
+
 def generate(params, prompt_BP: jax.Array, length_B: jax.Array, rng: jax.Array, *,
              model, cache_constraint: Callable, compute_dtype, stop_ids: tuple[int, ...],
-             max_decode_len: int, sampling: Sampling, compact_to: int = 0
-             ) -> tuple[jax.Array, jax.Array]:
+             max_decode_len: int, sampling: Sampling, compact_to: int = 0,
+             screen: bool = False, mesh: jax.sharding.Mesh | None = None
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """New tokens [B, T] for left-padded prompts (PAD after each row's stop token),
-  and the number of steps run [].
+  the number of steps run [], and of those, in how many the screen left some
+  device's rows to the full fp32 logits [].
 
   compact_to: with 0 < compact_to < B, once at most that many rows are still
   going they move (with their cache rows) into a batch of compact_to rows and
   the rest are dropped, so the remaining steps cost that batch, not B. Each row
   computes the same either way; a row's sampling key is its index in the batch.
+  screen: greedy tokens by `screened_argmax` (the same tokens, fewer fp32 FLOPs),
+    each device screening its own rows of `mesh` (XLA would gather every
+    row's candidates to partition top_k, at every token).
   """
+  if screen and not sampling.greedy:
+    raise ValueError('the argmax screen is for greedy decoding (temperature=0)')
   B, P = prompt_BP.shape
   T = max_decode_len
   prompts, cache = kv_cache.prefill(params, prompt_BP, length_B, model=model, C=P - 1 + T,
@@ -77,37 +163,57 @@ def generate(params, prompt_BP: jax.Array, length_B: jax.Array, rng: jax.Array, 
                                     cache_constraint=cache_constraint)
   stop_S = jnp.asarray(stop_ids, jnp.int32)
   tokens_BT = jnp.full((B, T), tokenizer_lib.PAD, jnp.int32)
+  if screen:  # once per call, outside the token loops
+    table_VD = params['embedder']['input_embedding']
+    screen_args = (table_VD, table_VD.astype(jnp.bfloat16),
+                   jnp.max(jnp.linalg.norm(table_VD, axis=-1)))
+    cfg = model_lib.network_config(model)
+
+    def screen_rows(x_RD, *table):
+      token_R, fell_back = screened_argmax(x_RD, *table, cfg)
+      return token_R, fell_back[None]
+
+    if mesh is not None:
+      rows, whole = PartitionSpec(sharding_lib.BATCH_AXES), PartitionSpec()
+      screen_rows = jax.shard_map(screen_rows, mesh=mesh, in_specs=(rows, whole, whole, whole),
+                                  out_specs=(rows, rows))
 
   def run(state, prompts, row_R, going_at_most: int):
     """Steps until at most `going_at_most` rows are still going (or T steps)."""
 
     def cond(state):
-      t, _, _, done_R, _ = state
+      t, _, _, done_R, _, _ = state
       return (t < T) & (jnp.sum(~done_R) > going_at_most)
 
     def body(state):
-      t, last_R, tokens_RT, done_R, cache = state
-      logits_RV, cache = prompts.step(last_R, t, cache)
-      next_R = choose_tokens(logits_RV, jax.random.fold_in(rng, t), sampling, row_R)
+      t, last_R, tokens_RT, done_R, cache, fallbacks = state
+      if screen:
+        x_RD, cache = prompts.step(last_R, t, cache, hidden=True)
+        next_R, fell_back = screen_rows(x_RD, *screen_args)
+        fallbacks += jnp.any(fell_back).astype(jnp.int32)
+      else:
+        logits_RV, cache = prompts.step(last_R, t, cache)
+        next_R = choose_tokens(logits_RV, jax.random.fold_in(rng, t), sampling, row_R)
       next_R = jnp.where(done_R, tokenizer_lib.PAD, next_R)
       tokens_RT = jax.lax.dynamic_update_slice(tokens_RT, next_R[:, None], (0, t))
       done_R = done_R | jnp.isin(next_R, stop_S)
-      return t + 1, next_R, tokens_RT, done_R, cache_constraint(cache)
+      return t + 1, next_R, tokens_RT, done_R, cache_constraint(cache), fallbacks
 
     return jax.lax.while_loop(cond, body, state)
 
   # R: the rows in the loop, B at first; row_R says which prompt each one is.
   row_R = jnp.arange(B)
-  state = (jnp.int32(0), prompt_BP[:, -1], tokens_BT, length_B == 0, cache)
+  state = (jnp.int32(0), prompt_BP[:, -1], tokens_BT, length_B == 0, cache, jnp.int32(0))
   if not 0 < compact_to < B:
-    steps, _, tokens_BT, _, _ = run(state, prompts, row_R, 0)
-    return tokens_BT, steps
-  t, last_R, tokens_BT, done_R, cache = run(state, prompts, row_R, compact_to)
+    steps, _, tokens_BT, _, _, fallbacks = run(state, prompts, row_R, 0)
+    return tokens_BT, steps, fallbacks
+  t, last_R, tokens_BT, done_R, cache, fallbacks = run(state, prompts, row_R, compact_to)
   # Rows still going first; the rows left behind have written all their tokens.
   # Gathers and the scatter back happen once, outside the token loops.
   keep_R = jnp.argsort(done_R, stable=True)[:compact_to]
   prompts, cache = prompts.take(keep_R, cache)
-  state = (t, last_R[keep_R], tokens_BT[keep_R], done_R[keep_R], cache_constraint(cache))
-  steps, _, tokens_RT, _, _ = run(state, prompts, keep_R, 0)
+  state = (t, last_R[keep_R], tokens_BT[keep_R], done_R[keep_R], cache_constraint(cache),
+           fallbacks)
+  steps, _, tokens_RT, _, _, fallbacks = run(state, prompts, keep_R, 0)
   tokens_BT = tokens_BT.at[keep_R].set(tokens_RT)
-  return tokens_BT, steps
+  return tokens_BT, steps, fallbacks

@@ -238,6 +238,28 @@ def test_token_loop_reads_replicated_weights_without_gathers(trained, beam_size)
     assert 'all-gather' not in _loop_ops(d.executable(d.buckets[0]).as_text())
 
 
+@pytest.mark.parametrize('variant', ['tiny', 'tiny_gemma3'])
+def test_token_loop_copies_no_weight(trained, variant):
+  """On a CPU, XLA copies an einsum weight whose contracting axes are not where its
+  matmul reads them at every token; the loop layout transposes each once per call."""
+  _, tr = trained
+  c = tr.setup.config.copy_and_resolve_references()
+  c.model.variant = variant
+  setup = state_lib.setup(c, tr.setup.mesh, tr.setup.tokenizer)
+  sizes = {int(np.prod(x.shape)) for path, x in jax.tree_util.tree_leaves_with_path(
+      setup.abstract_params) if 'einsum' in jax.tree_util.keystr(path)}
+  copies = {}
+  for laid_out in (True, False):
+    d = decode.Decoder(setup, setup.tokenizer, batch_size=8, max_prompt_len=P,
+                       max_decode_len=T, loop_layout=laid_out)
+    loop = _loop_ops(d.executable(d.buckets[0]).as_text())
+    copies[laid_out] = [
+        m.group(0) for m in re.finditer(r'%[\w.\-]*copy[\w.\-]* = f32\[([\d,]+)\]', loop)
+        if int(np.prod([int(n) for n in m.group(1).split(',')])) in sizes]
+  assert not copies[True]
+  assert copies[False], 'without it the loop copies weights (what the layout saves)'
+
+
 def test_decoding_stops_when_every_row_has_ended(trained, decoder, prompts):
   _, tr = trained
   tokens, batches = decoder.generate_batches(tr.params, prompts)
@@ -329,7 +351,7 @@ def test_beam_search_of_one_beam_is_greedy_decoding(trained, decoder, prompts):
   beam = _beam_decoder(tr, 1)
   # beam_size=1 runs the plain loop: run beam search itself with one beam.
   fn = jax.jit(functools.partial(
-      beam_lib.search, model=model_lib.make_model(tr.setup.model_config),
+      beam_lib.search, model=decoder.model,  # reads decoder.prepare's weights
       cache_constraint=lambda c: c, compute_dtype=jnp.float32, stop_ids=beam.stop_ids,
       max_decode_len=T, beam_size=1, length_penalty=0.6, mesh=None))
   greedy = decoder.generate(tr.params, prompts)
@@ -374,6 +396,9 @@ def test_bad_decoding_options_are_one_line_errors(trained):
   with pytest.raises(ValueError, match='beam search is deterministic'):
     decode.Decoder(tr.setup, tr.setup.tokenizer, batch_size=8, max_prompt_len=P, max_decode_len=T,
                    beam_size=2, sampling=sampling_lib.Sampling(temperature=1.0))
+  with pytest.raises(ValueError, match='screen=True needs greedy decoding'):
+    decode.Decoder(tr.setup, tr.setup.tokenizer, batch_size=8, max_prompt_len=P, max_decode_len=T,
+                   screen=True, sampling=sampling_lib.Sampling(temperature=1.0))
   for field, value in (('beam_size', 0), ('decode_batch_size', 0), ('length_penalty', -1.0)):
     with pytest.raises(train.ConfigError, match=f'config.eval.{field}={value}'):
       train.build(helpers.tiny_config(**{f'eval.{field}': value}))
