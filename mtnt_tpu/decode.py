@@ -10,14 +10,18 @@ sentences neither prefills nor attends over padding. A batch of fewer
 prompts than batch_size (the last one) runs in the smallest of batch_size,
 batch_size / 2, ... (`row_counts`) that holds them, not among filler rows.
 Inside a batch, once a quarter of the rows are still going (`compact`) they
-move to a batch a quarter the size: answers differ in length, and every step
-of the longest one would otherwise cost the whole batch. One program is
+move to a batch a quarter the size (MIN_ROWS or more): answers differ in
+length, and every step of the longest one would otherwise cost the whole
+batch. One program is
 compiled per (prompt bucket, row count) used, lazily or all at once
 (`compile_for`), and kept. The weights are cast to the compute dtype
 and, when a copy fits (`replicate_params`), gathered onto every device once
 per `generate`/`translate_batches` call by a separate jitted reshard: the
 token loop then holds them whole and runs no all-gather (the training
-shardings would re-gather every layer at every token). Rows stay split over
+shardings would re-gather every layer at every token). On a CPU they are
+also laid out for the loop's matmuls (`loop_layout`), and greedy decoding in
+float32 finds each token with a bf16 screen proven equal to the fp32 argmax
+(`sampling.screened_argmax`). Rows stay split over
 the batch axes; the generated tokens come back replicated, so every process
 of a multi-host run gets all of them. Every process must call `generate` with
 the same prompts (it decodes global arrays).
@@ -51,6 +55,10 @@ from mtnt_tpu import tokenizer as tokenizer_lib
 
 # A replicated copy of the weights may take at most this share of a device's memory.
 REPLICATE_MEMORY_FRACTION = 0.25
+# The fewest rows a batch runs in, alone or compacted: below it a step costs
+# about the same whatever its rows (it reads every weight once), so another
+# compiled program would buy nothing.
+MIN_ROWS = 8
 
 
 def prompt_buckets(max_prompt_len: int) -> tuple[int, ...]:
@@ -92,7 +100,8 @@ class Decoder:
       memory; always on CPUs). False keeps the training shardings.
     buckets: the compiled prompt lengths (default `prompt_buckets`).
     compact: once 1/compact of a batch's rows are still going, they finish in a
-      batch 1/compact the size (greedy and sampled decoding; 1: never).
+      batch 1/compact the size, if that is MIN_ROWS or more (greedy and sampled
+      decoding; 1: never).
     screen: greedy tokens from a bf16 pass over the vocabulary, proven equal to
       the fp32 argmax (`sampling.screened_argmax`). None: on for greedy
       decoding in float32, where the unembedding is about half a step on a CPU
@@ -165,16 +174,25 @@ class Decoder:
       to_loop_layout = lambda tree: tree
     self.loop_layout = loop_layout
     self.model = model  # as the programs run it, on `prepare`d weights
-    self._param_shardings = to_loop_layout(
+    param_shardings = to_loop_layout(
         jax.tree.map(lambda _: replicated, run.params_shardings) if replicate_params
         else run.params_shardings)
+    if self.screen:  # the screen's bf16 table and bound, beside the table, made once per call
+      add_screen = sampling_lib.with_screen_tables
+      embedder = param_shardings['embedder']
+      param_shardings = {**param_shardings, 'embedder': {
+          **embedder, **sampling_lib.screen_tables_like(embedder['input_embedding'], replicated)}}
+    else:
+      add_screen = lambda tree: tree
+    self._param_shardings = param_shardings
     # The one reshard per call: cast, lay out for the loop, then (when replicating) gather.
-    self._prepare = jax.jit(
-        lambda p: to_loop_layout(jax.tree.map(lambda x: x.astype(compute_dtype), p)),
-        in_shardings=(run.params_shardings,), out_shardings=self._param_shardings)
+    def prepare(params):
+      return add_screen(to_loop_layout(jax.tree.map(lambda x: x.astype(compute_dtype), params)))
+    self._prepare = jax.jit(prepare, in_shardings=(run.params_shardings,),
+                            out_shardings=param_shardings)
     self._abstract_params = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, compute_dtype, sharding=s),
-        to_loop_layout(run.abstract_params), self._param_shardings)
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(prepare, run.abstract_params), param_shardings)
 
     def cache_constraint(cache):
       # Rows over the batch axes like the batch; the shared write index everywhere.
@@ -208,7 +226,7 @@ class Decoder:
     if self.beam_size > 1 or self.compact == 1:
       return 0
     small = B // self.compact
-    return small if small >= 1 and small % self._divisor == 0 else 0
+    return small if small >= MIN_ROWS and small % self._divisor == 0 else 0
 
   def executable(self, P: int, B: int | None = None):
     """The program for prompt length P (a bucket) and B rows (default batch_size),
@@ -384,9 +402,9 @@ class Decoder:
 
 
 def _row_counts(batch_size: int, divisor: int) -> tuple[int, ...]:
-  """batch_size and its halves down to 8 rows that split over the batch axes, ascending."""
+  """batch_size and its halves down to MIN_ROWS that split over the batch axes, ascending."""
   out = [batch_size]
-  while out[-1] % 2 == 0 and out[-1] // 2 >= 8 and (out[-1] // 2) % divisor == 0:
+  while out[-1] % 2 == 0 and out[-1] // 2 >= MIN_ROWS and (out[-1] // 2) % divisor == 0:
     out.append(out[-1] // 2)
   return tuple(reversed(out))
 

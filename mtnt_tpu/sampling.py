@@ -80,6 +80,22 @@ def screen_bound(D: int) -> float:
   return 2 * u + u * u + 4.1 * D * 2.0**-24
 
 
+def with_screen_tables(params):
+  """`params` with what `screened_argmax` reads beside the table, made once per
+  decoding call: the table in bf16, and its largest row norm for the bound
+  (extra entries of 'embedder', which gemma's modules do not read)."""
+  embedder = params['embedder']
+  table_VD = embedder['input_embedding']
+  return {**params, 'embedder': {
+      **embedder, 'screen_bf16': table_VD.astype(jnp.bfloat16),
+      'screen_max_norm': jnp.max(jnp.linalg.norm(table_VD, axis=-1))}}
+
+
+def screen_tables_like(table_sharding, scalar_sharding) -> dict:
+  """The shardings of `with_screen_tables`' entries: the bf16 table as the table."""
+  return {'screen_bf16': table_sharding, 'screen_max_norm': scalar_sharding}
+
+
 def screened_argmax(x_BD: jax.Array, table_VD: jax.Array, table_bf16_VD: jax.Array,
                     max_row_norm: jax.Array, cfg) -> tuple[jax.Array, jax.Array]:
   """The greedy token [B] of the fp32 logits `model.output_logits(cfg, table_VD,
@@ -150,7 +166,8 @@ def generate(params, prompt_BP: jax.Array, length_B: jax.Array, rng: jax.Array, 
   going they move (with their cache rows) into a batch of compact_to rows and
   the rest are dropped, so the remaining steps cost that batch, not B. Each row
   computes the same either way; a row's sampling key is its index in the batch.
-  screen: greedy tokens by `screened_argmax` (the same tokens, fewer fp32 FLOPs),
+  screen: greedy tokens by `screened_argmax` (the same tokens, fewer fp32 FLOPs)
+    from params `with_screen_tables`,
     each device screening its own rows of `mesh` (XLA would gather every
     row's candidates to partition top_k, at every token).
   """
@@ -163,10 +180,10 @@ def generate(params, prompt_BP: jax.Array, length_B: jax.Array, rng: jax.Array, 
                                     cache_constraint=cache_constraint)
   stop_S = jnp.asarray(stop_ids, jnp.int32)
   tokens_BT = jnp.full((B, T), tokenizer_lib.PAD, jnp.int32)
-  if screen:  # once per call, outside the token loops
-    table_VD = params['embedder']['input_embedding']
-    screen_args = (table_VD, table_VD.astype(jnp.bfloat16),
-                   jnp.max(jnp.linalg.norm(table_VD, axis=-1)))
+  if screen:
+    embedder = params['embedder']
+    screen_args = (embedder['input_embedding'], embedder['screen_bf16'],
+                   embedder['screen_max_norm'])
     cfg = model_lib.network_config(model)
 
     def screen_rows(x_RD, *table):
