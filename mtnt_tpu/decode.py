@@ -104,8 +104,8 @@ class Decoder:
       decoding; 1: never).
     screen: greedy tokens from a bf16 pass over the vocabulary, proven equal to
       the fp32 argmax (`sampling.screened_argmax`). None: on for greedy
-      decoding in float32, where the unembedding is about half a step on a CPU
-      (in bfloat16 there is nothing to save).
+      decoding in float32 with replicated weights, where the unembedding is
+      about half a step on a CPU (in bfloat16 there is nothing to save).
     loop_layout: lay each einsum weight out as the decoder's matmuls read it,
       once per call (`loop_layout`). None: on CPUs, where XLA would otherwise
       copy every weight at every token.
@@ -138,7 +138,6 @@ class Decoder:
     if screen and not greedy_fp32:
       raise ValueError('screen=True needs greedy decoding (beam_size=1, temperature=0) '
                        'in float32 compute')
-    self.screen = greedy_fp32 if screen is None else screen
     divisor = sharding_lib.batch_divisor(run.mesh)
     self.batch_size = -(-batch_size // divisor) * divisor
     self.row_counts = _row_counts(self.batch_size, divisor)
@@ -164,6 +163,8 @@ class Decoder:
     if replicate_params is None:
       replicate_params = _copy_fits(run.abstract_params, compute_dtype, mesh)
     self.replicate_params = replicate_params
+    # Each device screens its rows against the whole table: only when it holds one.
+    self.screen = greedy_fp32 and replicate_params if screen is None else screen
     model = model_lib.make_model(run.model_config)
     if loop_layout is None:
       loop_layout = mesh.devices.flat[0].platform == 'cpu'

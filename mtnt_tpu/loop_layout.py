@@ -1,18 +1,17 @@
 """The weights laid out as the decoder's matmuls read them, so no token copies one.
 
-XLA lowers each of gemma's einsums to a 2-D [M, K] x [K, N] matmul. When a
-weight's contracting axes are not its leading ones (q_einsum 'BTD,NDH->BTNH'
-contracts D, its middle axis), that matmul reads the weight transposed, and
-XLA's CPU backend makes the transposed copy inside the token loop: every
-weight of every layer, at every token (about 300 MB a token for Gemma 3 270M
-at batch 64, a quarter of a decode step). Layout assignment comes after
-loop-invariant code motion, so nothing hoists those copies out of the loop.
+XLA lowers each of gemma's einsums to a 2-D matmul. When a weight's axes are
+not in the order that matmul reads them (q_einsum 'BTD,NDH->BTNH' contracts
+D, its middle axis), XLA's CPU backend transposes it with a copy inside the
+token loop: four weights of every layer, at every token (about 300 MB a token
+for Gemma 3 270M, a fifth of a decode step in a profile at batch 64). Layout
+assignment comes after loop-invariant code motion, so nothing hoists those
+copies out of the loop.
 
 `LoopLayout` moves them to where they are paid once per call: `record`
 traces one token abstractly and notes each einsum's equation; `params`
-transposes each weight to [contracting axes in the input's order, free axes in
-the output's order]; `apply` runs the model with every einsum rewritten to
-read that order, which XLA lowers to a matmul of the weight as it lies.
+transposes each weight into its `LOOP_ORDER`; `wrap` gives the model whose
+einsums read that order, which XLA lowers to a matmul of the weight as it lies.
 """
 
 from __future__ import annotations
@@ -41,11 +40,12 @@ class _Einsum:
 
 # The order XLA's CPU matmuls read each of gemma 2.0.8's einsum weights in
 # without a copy, found in the compiled token loop (tests/test_decode.py checks
-# that the loop copies no weight). Equations not listed keep their order.
+# that the loop copies no weight). Not by a rule: XLA picks the activations'
+# layouts too (attn_vec reads [H, N, D]). Equations not listed keep their order
+# (qkv_einsum, multi-head attention as in Gemma 1 7B: no test model has it).
 LOOP_ORDER = {
     'BTD,NDH->BTNH': 'DNH',  # q_einsum
     'BSD,CKDH->CBSKH': 'CKHD',  # kv_einsum
-    'BTD,SNDH->SBTNH': 'SNHD',  # qkv_einsum (Gemma 1 2B's multi-head attention)
     'BTNH,NHD->BTD': 'HND',  # attn_vec_einsum
     '...F,NFH->...NH': 'FNH',  # gating_einsum
     '...F,NHF->...NH': 'FNH',  # gating_einsum, transpose_gating_einsum (Gemma 3)

@@ -106,9 +106,10 @@ def screened_argmax(x_BD: jax.Array, table_VD: jax.Array, table_bf16_VD: jax.Arr
   proposes each row's SCREEN_CANDIDATES likeliest tokens, they are scored
   exactly in fp32, and a bound on bf16's error (`screen_bound`) proves that no
   other token can beat the best of them. In the rare step where the bound
-  cannot prove it for some row (two tokens within about 1% of |x| |e|), the
-  whole step computes the fp32 logits instead, so the answer is always the
-  plain argmax (ties to the lowest id, as jnp.argmax).
+  cannot prove it for some row (its next likeliest token by bf16 within
+  bf16's error of the best), the whole step computes the fp32 logits instead,
+  so the answer is always the plain argmax (ties to the lowest id, as
+  jnp.argmax).
   """
   B, D = x_BD.shape
   V = table_VD.shape[0]
@@ -166,10 +167,10 @@ def generate(params, prompt_BP: jax.Array, length_B: jax.Array, rng: jax.Array, 
   going they move (with their cache rows) into a batch of compact_to rows and
   the rest are dropped, so the remaining steps cost that batch, not B. Each row
   computes the same either way; a row's sampling key is its index in the batch.
-  screen: greedy tokens by `screened_argmax` (the same tokens, fewer fp32 FLOPs)
-    from params `with_screen_tables`,
-    each device screening its own rows of `mesh` (XLA would gather every
-    row's candidates to partition top_k, at every token).
+  screen: greedy tokens by `screened_argmax` (the same tokens, fewer fp32
+    FLOPs) from params `with_screen_tables`, each device screening its own
+    rows of `mesh` (XLA would gather every row's candidates to partition
+    top_k, at every token).
   """
   if screen and not sampling.greedy:
     raise ValueError('the argmax screen is for greedy decoding (temperature=0)')
