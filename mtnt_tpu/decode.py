@@ -169,7 +169,7 @@ class Decoder:
     if loop_layout is None:
       loop_layout = mesh.devices.flat[0].platform == 'cpu'
     if loop_layout:  # weights transposed once per call, not copied at every token
-      layout = loop_layout_lib.LoopLayout.record(model, run.abstract_params)
+      layout = loop_layout_lib.LoopLayout.of(run.model_config)
       model, to_loop_layout = layout.wrap(model), layout.params
     else:
       to_loop_layout = lambda tree: tree

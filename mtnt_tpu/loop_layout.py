@@ -17,6 +17,7 @@ einsums read that order, which XLA lowers to a matmul of the weight as it lies.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +25,8 @@ from gemma import layers as gemma_layers
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
+
+from mtnt_tpu import model as model_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +71,12 @@ class LoopLayout:
   einsums: dict[tuple[str, ...], _Einsum]
 
   @classmethod
+  def of(cls, cfg) -> LoopLayout:
+    """The layout for a gemma TransformerConfig (recorded once per config: a
+    server builds a Decoder per bucket, and tracing takes most of a second)."""
+    return _recorded(cfg)
+
+  @classmethod
   def record(cls, model: nn.Module, abstract_params) -> LoopLayout:
     """Each einsum's equation, from one token traced abstractly (no FLOPs)."""
     einsums = {}
@@ -105,6 +114,12 @@ class LoopLayout:
   def wrap(self, model: nn.Module) -> LaidOutModel:
     """`model`, applied to weights in the loop layout."""
     return LaidOutModel(model, self)
+
+
+@functools.lru_cache(maxsize=None)
+def _recorded(cfg) -> LoopLayout:
+  model = model_lib.make_model(cfg)
+  return LoopLayout.record(model, model_lib.abstract_params(model))
 
 
 class LaidOutModel:
