@@ -259,19 +259,19 @@ class Decoder:
   def compile_for(self, prompts: Sequence[Sequence[int]]) -> None:
     """Compiles, now, every program `generate(params, prompts)` will use.
 
-    Traced one after another, they compile side by side in threads (XLA
-    releases the GIL), so cores a single compile leaves idle are used.
+    Each program starts compiling in a thread (XLA releases the GIL) as soon
+    as it is lowered, so the next one lowers in Python meanwhile, and cores a
+    single compile leaves idle are used. Most rows first: those compile longest.
     """
     keys = {(self.bucket(max(len(prompts[i]) for i in batch)), self.rows_for(len(batch)))
             for batch in self.batch_order(prompts)}
-    todo = sorted(keys - set(self._compiled))
+    todo = sorted(keys - set(self._compiled), key=lambda PB: PB[::-1], reverse=True)
     if not todo:
       return
     t0 = time.perf_counter()
-    lowered = [self._lower(P, B) for P, B in todo]
     with concurrent.futures.ThreadPoolExecutor(len(todo)) as pool:
-      compiled = list(pool.map(lambda program: program.compile(), lowered))
-    self._compiled.update(zip(todo, compiled))
+      compiling = [pool.submit(self._lower(P, B).compile) for P, B in todo]
+      self._compiled.update(zip(todo, (c.result() for c in compiling)))
     self.compile_seconds += time.perf_counter() - t0
     logging.info('compiled the decoder for %s (prompt tokens, rows) side by side in %.1fs',
                  todo, time.perf_counter() - t0)

@@ -77,8 +77,9 @@ class LoopLayout:
     return _recorded(cfg)
 
   @classmethod
-  def record(cls, model: nn.Module, abstract_params) -> LoopLayout:
-    """Each einsum's equation, from one token traced abstractly (no FLOPs)."""
+  def record(cls, model: nn.Module) -> LoopLayout:
+    """Each einsum's equation, from initialising `model` on one token traced
+    abstractly (no FLOPs; initialising needs no weights at hand)."""
     einsums = {}
 
     def note(next_fun, args, kwargs, context):
@@ -87,12 +88,12 @@ class LoopLayout:
         einsums[path] = _einsum(args[0])
       return next_fun(*args, **kwargs)
 
-    def one_token(params):
+    def one_token(rng):
       with nn.intercept_methods(note):
-        return model.apply({'params': params}, jnp.zeros((1, 1), jnp.int32),
-                           jnp.zeros((1, 1), jnp.int32), None, jnp.ones((1, 1, 1), bool))
+        return model.init(rng, jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32),
+                          None, jnp.ones((1, 1, 1), bool))
 
-    jax.eval_shape(one_token, abstract_params)
+    jax.eval_shape(one_token, jax.random.key(0))
     return cls({p: e for p, e in einsums.items() if e.perm != tuple(range(len(e.perm)))})
 
   def params(self, tree):
@@ -118,8 +119,7 @@ class LoopLayout:
 
 @functools.lru_cache(maxsize=None)
 def _recorded(cfg) -> LoopLayout:
-  model = model_lib.make_model(cfg)
-  return LoopLayout.record(model, model_lib.abstract_params(model))
+  return LoopLayout.record(model_lib.make_model(cfg))
 
 
 class LaidOutModel:

@@ -122,7 +122,11 @@ def screened_argmax(x_BD: jax.Array, table_VD: jax.Array, table_bf16_VD: jax.Arr
   # gather(dot(x, table)), the very [B, V] product being saved.
   exact_BK = jnp.sum(x_BD[:, None, :] * jnp.take(table_VD, cand_BK, axis=0), axis=-1)
   bound_B = screen_bound(D) * jnp.linalg.norm(x_BD, axis=-1) * max_row_norm
-  proven = jnp.all(jnp.max(exact_BK, axis=-1) > value_BK[:, k] + bound_B)
+  # top_k's values descend, so their min is the (k+1)-th. Not value_BK[:, k]: XLA
+  # folds that slice into top_k's own, and a top_k not sliced from its first
+  # value is a full sort on a CPU, not its TopK kernel (a tenth of a step).
+  runner_up_B = jnp.min(value_BK, axis=-1)
+  proven = jnp.all(jnp.max(exact_BK, axis=-1) > runner_up_B + bound_B)
   # The soft-cap is monotone but can round neighbours to one value: then the lowest id wins.
   capped_BK = _soft_cap(exact_BK, cfg.final_logit_softcap)
   best_B1 = jnp.max(capped_BK, axis=-1, keepdims=True)
