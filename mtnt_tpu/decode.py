@@ -211,6 +211,11 @@ class Decoder:
       self._fn = functools.partial(sampling_lib.generate, sampling=sampling,
                                    screen=self.screen, mesh=mesh, **common)
     self._compiled: dict[tuple[int, int], Any] = {}
+    # On a CPU, XLA's copy insertion with region analysis copies each layer's
+    # KV cache once less a token (it is updated in place, then read whole): 4%
+    # of a decode step at batch 64 on Gemma 3 270M.
+    self._compiler_options = ({'xla_cpu_copy_insertion_use_region_analysis': True}
+                              if mesh.devices.flat[0].platform == 'cpu' else None)
 
   # --- compiled programs -----------------------------------------------------
 
@@ -235,12 +240,15 @@ class Decoder:
     B = B or self.batch_size
     if (P, B) not in self._compiled:
       t0 = time.perf_counter()
-      self._compiled[P, B] = self._lower(P, B).compile()
+      self._compiled[P, B] = self._compile(P, B)
       self.compile_seconds += time.perf_counter() - t0
       logging.info('compiled the decoder for prompts of %d tokens (batch %d, beam %d, '
                    'new tokens %d) in %.1fs', P, B, self.beam_size, self.max_decode_len,
                    time.perf_counter() - t0)
     return self._compiled[P, B]
+
+  def _compile(self, P: int, B: int):
+    return self._lower(P, B).compile(self._compiler_options)
 
   def _lower(self, P: int, B: int):
     rep = self._replicated
@@ -270,7 +278,8 @@ class Decoder:
       return
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(len(todo)) as pool:
-      compiling = [pool.submit(self._lower(P, B).compile) for P, B in todo]
+      compiling = [pool.submit(self._lower(P, B).compile, self._compiler_options)
+                   for P, B in todo]
       self._compiled.update(zip(todo, (c.result() for c in compiling)))
     self.compile_seconds += time.perf_counter() - t0
     logging.info('compiled the decoder for %s (prompt tokens, rows) side by side in %.1fs',

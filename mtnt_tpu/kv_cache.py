@@ -6,8 +6,11 @@ shared cache index (`end_index[0]`), so rows must step in lock-step. Padding
 is masked out of attention, and positions count from each row's first real
 token, so padding changes nothing a row computes.
 
-    prefill  prompt[:, :P-1] into the cache (its logits are unused, and
-             compiled away: no [B, P, V] array for a 256k vocabulary)
+    prefill  prompt[:, :P-1] into the cache, PREFILL_CHUNK slots at a time,
+             from the first chunk that holds any row's token: the slots
+             before it are padding in every row, so a batch of short prompts
+             in a long bucket pays for its longest prompt, not the bucket.
+             No logits: no [B, P, V] array for a 256k vocabulary.
     step t   feed the token in slot P-1+t at position len-1+t; the logits of
              the next token
 
@@ -55,8 +58,13 @@ class Prompts:
     return prompts, jax.tree.map(take, cache)
 
 
+# Prompt slots per row that one prefill step feeds: B x 8 rows keep a CPU's
+# matmuls as efficient as the whole prompt at once for B >= 64.
+PREFILL_CHUNK = 8
+
+
 def prefill(params, prompt_BP, length_B, *, model, C: int, compute_dtype,
-            cache_constraint: Callable) -> tuple[Prompts, Any]:
+            cache_constraint: Callable, chunk: int = PREFILL_CHUNK) -> tuple[Prompts, Any]:
   """The cache holding every prompt but its last token."""
   B, P = prompt_BP.shape
   pad_B = P - length_B
@@ -64,9 +72,30 @@ def prefill(params, prompt_BP, length_B, *, model, C: int, compute_dtype,
   real_BC = slot_C[None, :] >= pad_B[:, None]
   cache = cache_constraint(model_lib.network_config(model).init_cache(
       B, compute_dtype, cache_length=C))
-  if P > 1:
-    query_Q = jnp.arange(P - 1)
-    positions_BQ = jnp.maximum(query_Q[None, :] - pad_B[:, None], 0)
-    mask_BQC = (slot_C[None, None, :] <= query_Q[None, :, None]) & real_BC[:, None, :]
-    _, cache = model.apply({'params': params}, prompt_BP[:, :-1], positions_BQ, cache, mask_BQC)
-  return Prompts(model, params, length_B, real_BC, P), cache_constraint(cache)
+  Q = P - 1  # the slots to fill
+  c = min(chunk, Q)
+  if c:
+    # Chunks end at slot Q and start no earlier than needed to reach the first
+    # real token (a filler row's pad is P); the first may start before slot 0,
+    # so it starts at 0 and refills some of the next chunk's slots alike.
+    n = (Q - jnp.minimum(jnp.min(pad_B), Q) + c - 1) // c
+
+    def fill(i, cache):
+      start = jnp.maximum(Q - (n - i) * c, 0)
+      query_Q = start + jnp.arange(c)
+      positions_BQ = jnp.maximum(query_Q[None, :] - pad_B[:, None], 0)
+      mask_BQC = (slot_C[None, None, :] <= query_Q[None, :, None]) & real_BC[:, None, :]
+      cache = _at_slot(cache, start)  # gemma writes a call's keys from end_index on
+      _, cache = model.apply({'params': params}, jax.lax.dynamic_slice_in_dim(
+          prompt_BP, start, c, axis=1), positions_BQ, cache, mask_BQC,
+                             method=model_lib.final_hidden)
+      return cache_constraint(cache)
+
+    cache = jax.lax.fori_loop(0, n, fill, cache)
+  return Prompts(model, params, length_B, real_BC, P), _at_slot(cache, Q)
+
+
+def _at_slot(cache, slot):
+  """The cache with every layer's next write at `slot`."""
+  return {name: {**layer, 'end_index': jnp.full_like(layer['end_index'], slot)}
+          for name, layer in cache.items()}

@@ -12,6 +12,7 @@ import pytest
 from mtnt_tpu import beam as beam_lib
 from mtnt_tpu import decode
 from mtnt_tpu import evaluate
+from mtnt_tpu import kv_cache
 from mtnt_tpu import metrics
 from mtnt_tpu import model as model_lib
 from mtnt_tpu import sampling as sampling_lib
@@ -300,7 +301,7 @@ def test_a_short_batch_runs_in_fewer_rows_and_rows_that_end_leave_the_loop(train
     assert g == w[:-1] and w[-1] in d.stop_ids
   assert list(d._compiled) == list(plain._compiled) == [(d.bucket(max(map(len, prompts))), 16)]
   whiles = lambda dec: len(re.findall(r' while\(', next(iter(dec._compiled.values())).as_text()))
-  assert whiles(d) == 2 and whiles(plain) == 1, 'a loop over 16 rows, then one over 8'
+  assert whiles(d) == 3 and whiles(plain) == 2, 'the prefill, a loop over 16 rows, one over 8'
   # Sampled decoding keys each row by its place in the batch, so moving rows changes no draw.
   hot = sampling_lib.Sampling(temperature=3.0, seed=2)
   sampled = [decode.Decoder(tr.setup, tr.setup.tokenizer, batch_size=32, max_prompt_len=P,
@@ -416,3 +417,28 @@ def test_translate_beam_size_flag_decodes_like_the_beam_decoder(trained):
   r = trained_run.run_module('translate', '--workdir', str(wd), '--beam_size', '2',
                              '--temperature', '0.7', stdin='A cat.\n')
   assert r.returncode != 0 and 'beam search is deterministic' in r.stderr
+
+
+@pytest.mark.parametrize('lengths', [(0, 1, 5, 13), (3, 32, 17, 0), (1, 0, 1, 1)])
+def test_chunked_prefill_fills_the_cache_as_one_pass_does(lengths):
+  """Chunks skip the slots that are padding in every row: (0, 1, 5, 13) fills
+  two chunks, (3, 32, 17, 0) four with the first started at slot 0, and
+  prompts of BOS alone none; the real slots hold what one pass over the whole
+  bucket writes, and the next write goes to slot P - 1."""
+  model = model_lib.make_model(model_lib.build_config('tiny', 1000))
+  params = model_lib.init_params(model, jax.random.key(0))
+  P, C = 32, 40
+  length_B = jnp.asarray(lengths, jnp.int32)
+  ids = np.random.default_rng(0).integers(3, 1000, size=(len(lengths), P))
+  prompt_BP = jnp.asarray(np.where(np.arange(P)[None] >= P - np.asarray(lengths)[:, None], ids, 0),
+                          jnp.int32)
+  fill = lambda chunk: kv_cache.prefill(
+      params, prompt_BP, length_B, model=model, C=C, compute_dtype=jnp.float32,
+      cache_constraint=lambda cache: cache, chunk=chunk)
+  (prompts, chunked), (_, whole) = fill(kv_cache.PREFILL_CHUNK), fill(P)
+  real_BC1 = (np.asarray(prompts.real_BC) & (np.arange(C) < P - 1)[None])[:, :, None, None]
+  for name in whole:
+    for k in ('k', 'v'):
+      np.testing.assert_allclose(np.where(real_BC1, chunked[name][k], 0),
+                                 np.where(real_BC1, whole[name][k], 0), rtol=1e-5, atol=1e-6)
+    assert (np.asarray(chunked[name]['end_index']) == P - 1).all()
